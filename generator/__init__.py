@@ -1,0 +1,1 @@
+"""Stage two: MaskGIT and autoregressive priors over variable-length 1D token ids."""

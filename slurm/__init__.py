@@ -1,0 +1,1 @@
+"""Launching: the ``alit`` command line and Slurm jobs through submitit (the top layer)."""

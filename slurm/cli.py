@@ -1,0 +1,74 @@
+"""The ``alit`` command line. Every subcommand is registered in :data:`COMMANDS`, here and nowhere else.
+
+A subcommand is a module with ``configure(parser)`` (adds its arguments) and ``run(args) -> int``.
+Modules are imported only when their subcommand is used, so ``alit --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Command:
+    """One ``alit`` subcommand: where it lives, what it does, and a CPU example."""
+
+    name: str
+    module: str
+    summary: str
+    example: str
+
+
+COMMANDS: tuple[Command, ...] = (
+    Command("weights", "tokenizer.core.weights_cmd", "report and verify the offline FID/LPIPS weights",
+            "alit weights"),
+    Command("data", "tokenizer.core.data_cmd", "inspect a dataset (the embedded emoji set by default)",
+            "alit data --source emoji"),
+)
+
+
+def _by_name() -> dict[str, Command]:
+    return {c.name: c for c in COMMANDS}
+
+
+def build_parser(load: str | None = None) -> argparse.ArgumentParser:
+    """The top-level parser; only the subcommand named ``load`` has its arguments imported."""
+    parser = argparse.ArgumentParser(
+        prog="alit",
+        description="Adaptive-length image tokens: tokenizer, priors, sampling, FID, Slurm.",
+        epilog="Each subcommand shows a CPU example: alit <command> --help",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="<command>")
+    for cmd in COMMANDS:
+        p = sub.add_parser(cmd.name, help=cmd.summary, description=cmd.summary,
+                           epilog=f"CPU example:\n  {cmd.example}",
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        if cmd.name == load:
+            importlib.import_module(cmd.module).configure(p)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``alit`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    name = next((a for a in argv if not a.startswith("-")), None)
+    if name is not None and name not in _by_name():
+        build_parser().print_usage(sys.stderr)
+        print(f"alit: unknown command '{name}'; choose from: {', '.join(_by_name())}", file=sys.stderr)
+        return 2
+    parser = build_parser(load=name)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    module = importlib.import_module(_by_name()[args.command].module)
+    return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

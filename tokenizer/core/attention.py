@@ -1,0 +1,119 @@
+"""The one attention function of the project.
+
+Shapes: ``q, k, v`` are ``(B, H, L, D)`` (the SDPA layout). On CUDA the kernel is xformers'
+``memory_efficient_attention`` (layout ``(B, L, H, D)``, converted here); elsewhere, or for what
+xformers cannot take, it is ``torch.nn.functional.scaled_dot_product_attention``. The choice is made
+from the tensors' device, never from whether ``import xformers`` succeeds.
+
+Masks (at most one of ``key_mask`` and ``seqlens``):
+- ``key_mask``: bool ``(B, Lk)``, True where a key is real; padded keys get no attention weight.
+- ``seqlens``: a packed batch (``B == 1``) of consecutive sequences with these lengths; attention
+  stays inside each sequence (block-diagonal; with ``causal`` block-diagonal causal). No padding
+  compute on CUDA.
+- ``causal``: each query attends to keys at positions <= its own (within its sequence).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+Backend = Literal["auto", "sdpa", "xformers"]
+
+
+@functools.cache
+def _xformers_ops():  # noqa: ANN202 - module or None
+    try:
+        import xformers.ops as xops
+    except Exception:  # pragma: no cover - depends on the install
+        return None
+    return xops
+
+
+def xformers_available() -> bool:
+    """True when xformers imports (its kernels still need CUDA tensors)."""
+    return _xformers_ops() is not None
+
+
+def packed_mask(seqlens: Sequence[int], causal: bool, device: torch.device) -> torch.Tensor:
+    """Dense bool ``(L, L)`` block-diagonal mask (True = attend) of a packed batch."""
+    seg = torch.repeat_interleave(torch.arange(len(seqlens), device=device),
+                                  torch.as_tensor(list(seqlens), device=device))
+    allowed = seg[:, None] == seg[None, :]
+    if causal:
+        allowed &= torch.ones_like(allowed).tril()
+    return allowed
+
+
+def _sdpa(q, k, v, key_mask, seqlens, causal) -> torch.Tensor:
+    mask = None
+    if seqlens is not None:
+        mask = packed_mask(seqlens, causal, q.device)
+        causal = False
+    elif key_mask is not None:
+        mask = key_mask[:, None, None, :]
+        if causal:
+            lq, lk = q.shape[-2], k.shape[-2]
+            mask = mask & torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(lk - lq)
+            causal = False
+    elif causal and q.shape[-2] != k.shape[-2]:
+        # queries are the last positions (KV-cache decoding): bottom-right aligned causal mask
+        lq, lk = q.shape[-2], k.shape[-2]
+        mask = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(lk - lq)
+        causal = False
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+
+
+def _xformers(q, k, v, key_mask, seqlens, causal) -> torch.Tensor:
+    xops = _xformers_ops()
+    fmha = xops.fmha
+    q_, k_, v_ = (t.transpose(1, 2) for t in (q, k, v))  # (B, L, H, D)
+    bias = None
+    if seqlens is not None:
+        lens = [int(s) for s in seqlens]
+        bias = (fmha.attn_bias.BlockDiagonalCausalMask if causal else fmha.attn_bias.BlockDiagonalMask
+                ).from_seqlens(lens)
+    elif key_mask is not None or (causal and q.shape[-2] != k.shape[-2]):
+        b, lq, h, _ = q_.shape
+        lk = k_.shape[1]
+        # xformers wants the bias' last dim aligned to 8: allocate padded, use a view
+        pad = (lk + 7) // 8 * 8
+        full = torch.zeros(b, h, lq, pad, dtype=q.dtype, device=q.device)
+        allowed = torch.ones(b, lq, lk, dtype=torch.bool, device=q.device)
+        if key_mask is not None:
+            allowed &= key_mask[:, None, :]
+        if causal:
+            allowed &= torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(lk - lq)
+        bias = full[..., :lk]
+        bias.masked_fill_(~allowed[:, None], float("-inf"))
+    elif causal:
+        bias = fmha.attn_bias.LowerTriangularMask()
+    out = xops.memory_efficient_attention(q_, k_, v_, attn_bias=bias)
+    return out.transpose(1, 2)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_mask: torch.Tensor | None = None,
+              seqlens: Sequence[int] | None = None, causal: bool = False,
+              backend: Backend = "auto") -> torch.Tensor:
+    """Scaled dot-product attention, ``(B, H, Lq, D) -> (B, H, Lq, D)``; see the module docstring."""
+    if key_mask is not None and seqlens is not None:
+        raise ValueError("attention: pass either key_mask (padded batch) or seqlens (packed batch), not both")
+    if seqlens is not None:
+        if q.shape[0] != 1:
+            raise ValueError(f"attention: a packed batch has batch size 1, got {q.shape[0]}; "
+                             "concatenate the sequences along the length axis")
+        if sum(int(s) for s in seqlens) != q.shape[-2]:
+            raise ValueError(f"attention: seqlens sum to {sum(int(s) for s in seqlens)} but the packed "
+                             f"length is {q.shape[-2]}")
+    if key_mask is not None and key_mask.dtype != torch.bool:
+        raise TypeError(f"attention: key_mask must be bool (True = real key), got {key_mask.dtype}")
+    use_xformers = backend == "xformers" or (backend == "auto" and q.is_cuda and xformers_available())
+    if use_xformers:
+        if not q.is_cuda:
+            raise RuntimeError("attention: the xformers backend needs CUDA tensors; use backend='sdpa' on CPU")
+        return _xformers(q, k, v, key_mask, seqlens, causal)
+    return _sdpa(q, k, v, key_mask, seqlens, causal)

@@ -1,0 +1,142 @@
+"""Typed, validated configuration: dataclass schemas, YAML files, dotted ``key=value`` overrides.
+
+A schema is a dataclass (fields typed, one docstring line per field, checks in ``__post_init__``).
+:func:`load_config` merges, in order, the schema's defaults, a YAML file (which may name a
+``_base_: other.yaml`` to inherit from, resolved relative to itself) and command-line overrides.
+Unknown keys and values of the wrong type are :class:`ConfigError` naming the dotted key.
+:func:`save_config` writes the resolved config with the git commit into a run directory.
+
+OmegaConf (structured configs) does the merging and type checking: it already reports the full
+key of a bad value and refuses keys the schema lacks, which hand-written merging would re-implement.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from .paths import PACKAGE_ROOT
+
+T = TypeVar("T")
+
+BASE_KEY = "_base_"
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key and how to fix it."""
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"config {path}: '{BASE_KEY}' chain loops back to itself")
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path} (pass an existing YAML file, e.g. configs/...)")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config {path} is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config {path} must be a mapping of keys to values, got {type(raw).__name__}")
+    base = raw.pop(BASE_KEY, None)
+    node = OmegaConf.create(raw)
+    if base is None:
+        return node
+    parent = _read_yaml(path.parent / str(base), (*seen, path))
+    return OmegaConf.merge(parent, node)
+
+
+def _explain(err: OmegaConfBaseException, source: str) -> ConfigError:
+    key = getattr(err, "full_key", None) or "?"
+    msg = str(err).splitlines()[0]
+    if "not in" in msg or "Key" in msg and "not" in msg:
+        hint = "remove it or check its spelling against the schema (alit <cmd> --help lists configs)"
+    else:
+        hint = "give a value of the declared type"
+    return ConfigError(f"{source}: bad config key '{key}': {msg}; {hint}")
+
+
+def parse_overrides(overrides: Sequence[str]) -> DictConfig:
+    """``["train.lr=1e-4", "model.size=tiny"]`` -> a config node; malformed items are errors."""
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"override '{item}' is not of the form dotted.key=value (e.g. train.lr=1e-4)")
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as e:  # pragma: no cover - from_dotlist rarely fails
+        raise _explain(e, "overrides") from None
+
+
+def load_config(schema: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
+    """Build a validated ``schema`` instance from its defaults, a YAML file and dotted overrides."""
+    base = OmegaConf.structured(schema)
+    OmegaConf.set_struct(base, True)
+    merged = base
+    try:
+        if path is not None:
+            merged = OmegaConf.merge(merged, _read_yaml(Path(path)))
+    except OmegaConfBaseException as e:
+        raise _explain(e, f"config {path}") from None
+    try:
+        merged = OmegaConf.merge(merged, parse_overrides(overrides))
+    except OmegaConfBaseException as e:
+        raise _explain(e, "command-line override") from None
+    try:
+        obj = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        raise _explain(e, f"config {path or schema.__name__}") from None
+    except (ValueError, TypeError) as e:  # raised by a schema's __post_init__
+        raise ConfigError(f"config {path or schema.__name__}: {e}") from None
+    return obj  # type: ignore[return-value]
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A plain, JSON/YAML-serialisable dict of a config dataclass (enums as their values)."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True)  # type: ignore[return-value]
+
+
+def from_dict(schema: type[T], data: dict[str, Any]) -> T:
+    """Rebuild a config dataclass from :func:`to_dict` output, with the same validation."""
+    base = OmegaConf.structured(schema)
+    OmegaConf.set_struct(base, True)
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(base, OmegaConf.create(data)))  # type: ignore[return-value]
+    except OmegaConfBaseException as e:
+        raise _explain(e, schema.__name__) from None
+
+
+def git_commit() -> str:
+    """The commit of the source tree (``<sha>`` or ``<sha>-dirty``), or ``unknown`` outside git."""
+    root = PACKAGE_ROOT.parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                             timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"{sha}-dirty" if dirty else sha
+
+
+def save_config(cfg: Any, run_dir: str | Path, name: str = "config.yaml") -> Path:
+    """Write the resolved config and the git commit into ``run_dir/name``; returns the path."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    body = {"git_commit": git_commit(), "config": to_dict(cfg)}
+    out = run_dir / name
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(body, sort_keys=False))
+    tmp.replace(out)
+    return out
+
+
+def replace(cfg: T, **changes: Any) -> T:
+    """``dataclasses.replace`` re-exported so callers need one import for config handling."""
+    return dataclasses.replace(cfg, **changes)  # type: ignore[type-var]
