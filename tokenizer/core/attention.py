@@ -26,7 +26,7 @@ Backend = Literal["auto", "sdpa", "xformers"]
 
 
 @functools.cache
-def _xformers_ops():  # noqa: ANN202 - module or None
+def _xformers_ops():
     try:
         import xformers.ops as xops
     except Exception:  # pragma: no cover - depends on the install

@@ -56,7 +56,7 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
 def _explain(err: OmegaConfBaseException, source: str) -> ConfigError:
     key = getattr(err, "full_key", None) or "?"
     msg = str(err).splitlines()[0]
-    if "not in" in msg or "Key" in msg and "not" in msg:
+    if "not in" in msg or ("Key" in msg and "not" in msg):
         hint = "remove it or check its spelling against the schema (alit <cmd> --help lists configs)"
     else:
         hint = "give a value of the declared type"

@@ -1,0 +1,25 @@
+"""Test-session setup: caches go to a temporary ALIT_HOME, except the converted-weight cache, which is
+shared across sessions (converting the carriers' weights is slow and read-only afterwards)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+ASSETS = ROOT / "tests" / "assets"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _alit_home(tmp_path_factory: pytest.TempPathFactory) -> None:
+    home = tmp_path_factory.mktemp("alit_home")
+    os.environ["ALIT_HOME"] = str(home)
+    # Reuse converted pretrained weights between test sessions (a cache, never results).
+    os.environ.setdefault("ALIT_WEIGHTS_CACHE", str(Path.home() / ".cache" / "alit" / "weights"))

@@ -1,0 +1,79 @@
+"""Typed configs: YAML + _base_ inheritance + dotted overrides; errors name the key."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tokenizer.core.config import ConfigError, from_dict, load_config, save_config, to_dict
+
+
+class Mode(Enum):
+    a = "a"
+    b = "b"
+
+
+@dataclass
+class Inner:
+    lr: float = 1e-3
+    steps: int = 10
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"inner.steps must be >= 1, got {self.steps}")
+
+
+@dataclass
+class Outer:
+    name: str = "x"
+    mode: Mode = Mode.a
+    inner: Inner = field(default_factory=Inner)
+    sizes: list[int] = field(default_factory=lambda: [1, 2])
+
+
+def test_yaml_base_and_overrides(tmp_path: Path) -> None:
+    (tmp_path / "base.yaml").write_text("name: base\ninner:\n  lr: 0.5\n")
+    (tmp_path / "exp.yaml").write_text("_base_: base.yaml\ninner:\n  steps: 20\nmode: b\n")
+    cfg = load_config(Outer, tmp_path / "exp.yaml", ["inner.lr=0.25", "sizes=[3,4,5]"])
+    assert cfg == Outer(name="base", mode=Mode.b, inner=Inner(lr=0.25, steps=20), sizes=[3, 4, 5])
+    assert isinstance(cfg.inner, Inner)
+
+
+@pytest.mark.parametrize(
+    ("text", "overrides", "needle"),
+    [
+        ("inner:\n  lrr: 1\n", [], "inner.lrr"),
+        ("", ["inner.steps=many"], "inner.steps"),
+        ("", ["nope=1"], "nope"),
+        ("mode: c\n", [], "mode"),
+        ("", ["inner.steps=0"], "inner.steps must be >= 1"),
+        ("", ["inner.lr"], "dotted.key=value"),
+    ],
+)
+def test_errors_name_the_key(tmp_path: Path, text: str, overrides: list[str], needle: str) -> None:
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
+        load_config(Outer, p, overrides)
+
+
+def test_missing_file_and_base_loop(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(Outer, tmp_path / "absent.yaml")
+    (tmp_path / "a.yaml").write_text("_base_: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("_base_: a.yaml\n")
+    with pytest.raises(ConfigError, match="loops"):
+        load_config(Outer, tmp_path / "a.yaml")
+
+
+def test_roundtrip_and_saved_with_commit(tmp_path: Path) -> None:
+    cfg = load_config(Outer, None, ["mode=b", "inner.steps=3"])
+    assert from_dict(Outer, to_dict(cfg)) == cfg
+    out = save_config(cfg, tmp_path / "run")
+    body = yaml.safe_load(out.read_text())
+    assert body["config"]["mode"] == "b" and body["config"]["inner"]["steps"] == 3
+    assert body["git_commit"] and isinstance(body["git_commit"], str)

@@ -1,0 +1,529 @@
+"""The one training loop of the project, for every stage (base VQ, ALIT distill/finetune, priors).
+
+What differs between stages is a :class:`Task`: it owns the modules, says which parameters each
+optimizer holds, and yields the loss of each optimizer phase of a step (one phase for most stages,
+two for GAN training: generator, then discriminator). The :class:`Trainer` owns everything else:
+devices and ranks, bf16/fp16 autocast, AdamW with warmup + cosine, gradient clipping and averaging,
+non-finite-loss guards, EMA, logging (JSONL, TensorBoard, progress bar), atomic checkpoints and
+exact resume (model, EMA, optimizers, scaler, step, data position and RNG are all restored; each
+step's randomness is derived from ``(seed, step, rank)``, so a resumed run repeats the uninterrupted
+run's trajectory bit for bit on CPU).
+
+Usage (single process, torchrun, or a Slurm task alike)::
+
+    trainer = Trainer(train_cfg, run_dir, task, train_set)
+    trainer.fit()          # resumes automatically from run_dir/checkpoints/latest
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import math
+import os
+import random
+import signal
+import socket
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from .checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    load_checkpoint,
+    load_module_state,
+    save_checkpoint,
+)
+from .distributed import DistInfo, all_reduce_flag, all_reduce_grads, barrier, init_distributed
+
+
+# ============================================================================ configuration
+class Precision(Enum):
+    """Autocast precision: ``auto`` = bf16 on CUDA, fp32 on CPU."""
+
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+@dataclass
+class TrainConfig:
+    """The loop's settings (the same schema for every stage)."""
+
+    max_steps: int = 1000  # optimizer steps in total
+    batch_size: int = 16  # per process
+    lr: float = 1e-4  # peak learning rate (after warmup)
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 100  # linear warmup from 0
+    weight_decay: float = 0.05  # AdamW decoupled weight decay (not on biases, norms, embeddings)
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.95  # AdamW beta2
+    grad_clip: float = 3.0  # max global grad norm per optimizer; 0 disables
+    ema_decay: float = 0.999  # EMA of the task's model; 0 disables
+    precision: Precision = Precision.auto  # autocast dtype
+    device: str = "auto"  # auto = cuda if available else cpu
+    seed: int = 0  # seeds init, data order and every step's randomness
+    num_workers: int = 0  # DataLoader workers
+    log_every: int = 10  # steps between logged (rank-reduced) metrics
+    eval_every: int = 200  # steps between task evaluations; 0 disables
+    ckpt_every: int = 500  # steps between checkpoints (one is always written at the end)
+    keep_last: int = 3  # checkpoints kept on disk
+    max_bad_steps: int = 3  # consecutive non-finite steps tolerated before stopping
+    progress: bool = True  # tqdm progress bar on rank 0
+    tensorboard: bool = True  # also log to TensorBoard (run_dir/tb)
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "batch_size", "log_every", "keep_last", "max_bad_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"train.lr must be > 0, got {self.lr}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.warmup_steps < 0 or self.ckpt_every < 1 or self.eval_every < 0:
+            raise ValueError("train.warmup_steps/eval_every must be >= 0 and train.ckpt_every >= 1")
+
+
+# ============================================================================ task protocol
+@dataclass
+class Phase:
+    """One optimizer update within a step: ``optimizer`` names the optimizer stepping on ``loss``."""
+
+    optimizer: str
+    loss: torch.Tensor
+    logs: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class Task(Protocol):
+    """What a stage provides to the :class:`Trainer`."""
+
+    def modules(self) -> dict[str, nn.Module]:
+        """Everything whose state is checkpointed; must contain ``"model"`` (EMA'd and exported)."""
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Parameters of each optimizer, by optimizer name (e.g. ``{"model": [...], "disc": [...]}``)."""
+
+    def train_step(self, batch: Any, step: int) -> Iterator[Phase]:
+        """Yield the phases of one step; the trainer applies each update before resuming the task."""
+
+    def evaluate(self, model: nn.Module, step: int) -> dict[str, float]:
+        """Metrics of ``model`` (the EMA model when there is one) on a fixed validation batch."""
+
+    def export(self, model: nn.Module, out_dir: Path) -> None:
+        """Write ``model`` in its ``from_pretrained`` format."""
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive non-finite losses."""
+
+
+class RunLocked(RuntimeError):
+    """Another process holds the run directory."""
+
+
+# ============================================================================ pieces
+class ResumableBatchSampler(Sampler[list[int]]):
+    """Seeded permutation per epoch, sharded over ranks; resumes at any batch. Drops the last partial batch."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1) -> None:
+        self.n, self.batch_size, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
+        self.per_epoch = n // (batch_size * world)
+        if self.per_epoch < 1:
+            raise ValueError(f"the dataset has {n} items, fewer than one global batch of "
+                             f"{batch_size} x {world} ranks: lower train.batch_size or add data")
+        self.epoch, self.batch_index = 0, 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "batch_index": self.batch_index, "n": self.n}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if state.get("n", self.n) != self.n:
+            print(f"[train] warning: dataset size changed since the checkpoint ({state['n']} -> {self.n}); "
+                  "the data order is not the original run's", file=sys.stderr)
+        self.epoch, self.batch_index = int(state["epoch"]), int(state["batch_index"])
+
+    def __len__(self) -> int:
+        return self.per_epoch
+
+    def __iter__(self) -> Iterator[list[int]]:
+        while True:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            perm = torch.randperm(self.n, generator=g).tolist()
+            while self.batch_index < self.per_epoch:
+                start = (self.batch_index * self.world + self.rank) * self.batch_size
+                self.batch_index += 1
+                yield perm[start: start + self.batch_size]
+            self.epoch, self.batch_index = self.epoch + 1, 0
+
+
+class EMA:
+    """Exponential moving average of a module's floating-point parameters and buffers (fp32 shadow)."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.shadow = {k: v.detach().float().clone() for k, v in model.state_dict().items()
+                       if v.dtype.is_floating_point}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))  # short runs are not dominated by the init
+        for k, v in model.state_dict().items():
+            if k in self.shadow:
+                self.shadow[k].lerp_(v.detach().float(), 1 - d)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.shadow
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        missing = set(self.shadow) - set(state)
+        if missing:
+            raise CheckpointError(f"EMA state lacks {len(missing)} keys (e.g. {sorted(missing)[:3]})")
+        for k in self.shadow:
+            self.shadow[k].copy_(state[k])
+
+    def copy_to(self, model: nn.Module) -> nn.Module:
+        """Write the averaged weights into ``model`` (a separate copy, never the live model)."""
+        sd = model.state_dict()
+        for k, v in self.shadow.items():
+            sd[k].copy_(v.to(sd[k].dtype))
+        return model
+
+
+class RunLock:
+    """An exclusive lock on a run directory; a second holder gets :class:`RunLocked` naming the first."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / ".lock"
+        self.fh: Any = None
+
+    def __enter__(self) -> RunLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.fh = open(self.path, "a+")
+        try:
+            fcntl.flock(self.fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.fh.seek(0)
+            holder = self.fh.read().strip() or "unknown process"
+            self.fh.close()
+            raise RunLocked(f"run directory {self.path.parent} is in use by {holder}; wait for it, stop it, "
+                            "or choose another run_dir") from None
+        self.fh.seek(0)
+        self.fh.truncate()
+        self.fh.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        self.fh.flush()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.fh is not None:
+            fcntl.flock(self.fh, fcntl.LOCK_UN)
+            self.fh.close()
+
+
+class MetricsLogger:
+    """Rank-0 metrics: one JSON object per line in ``metrics.jsonl``, mirrored to TensorBoard."""
+
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool) -> None:
+        self.enabled = enabled
+        self.tb = None
+        if enabled:
+            self.fh = open(run_dir / "metrics.jsonl", "a")  # noqa: SIM115 - closed in close()
+            if tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(run_dir / "tb"))
+
+    def log(self, step: int, metrics: dict[str, float], kind: str = "train") -> None:
+        if not self.enabled:
+            return
+        self.fh.write(json.dumps({"step": step, "kind": kind, **metrics}) + "\n")
+        self.fh.flush()
+        if self.tb is not None:
+            for k, v in metrics.items():
+                self.tb.add_scalar(f"{kind}/{k}", v, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.fh.close()
+            if self.tb is not None:
+                self.tb.close()
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup then cosine to ``lr * min_lr_ratio`` (a pure function of the step)."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.max_steps - cfg.warmup_steps)
+    t = min(1.0, (step - cfg.warmup_steps) / span)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig, lr_scale: float = 1.0) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not biases, norms, embeddings given as 1-D/scalars)."""
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay, "lr_scale": lr_scale},
+              {"params": no_decay, "weight_decay": 0.0, "lr_scale": lr_scale}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+
+
+def _rng_state() -> dict[str, Any]:
+    return {"python": list(random.getstate()[1]), "python_pos": random.getstate()[2],
+            "numpy": np.random.get_state()[1].tolist(), "numpy_pos": int(np.random.get_state()[2])}
+
+
+def _set_rng(state: dict[str, Any]) -> None:
+    random.setstate((3, tuple(state["python"]), state["python_pos"]))
+    np.random.set_state(("MT19937", np.array(state["numpy"], dtype=np.uint32), state["numpy_pos"], 0, 0.0))
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """The seed of one step's randomness on one rank."""
+    return (seed * 1_000_003 + step * 7919 + rank * 104_729) % (2**63 - 1)
+
+
+# ============================================================================ the loop
+class Trainer:
+    """Runs a :class:`Task` to ``cfg.max_steps`` in ``run_dir``, resuming from its last checkpoint."""
+
+    def __init__(self, cfg: TrainConfig, run_dir: str | Path, task: Task, dataset: Dataset,
+                 dist_info: DistInfo | None = None, collate_fn: Any = None) -> None:
+        self.cfg, self.run_dir, self.task, self.dataset = cfg, Path(run_dir), task, dataset
+        self.dist = dist_info or init_distributed(cfg.device)
+        self.device = self.dist.device
+        self.collate_fn = collate_fn
+        mods = task.modules()
+        if "model" not in mods:
+            raise ValueError("Task.modules() must contain a 'model' entry (the module that is EMA'd and exported)")
+        for m in mods.values():
+            m.to(self.device)
+        self.modules = mods
+        self.groups = task.param_groups()
+        self.optimizers = {name: make_optimizer(params, cfg, getattr(task, "lr_scales", {}).get(name, 1.0))
+                           for name, params in self.groups.items()}
+        self.dtype = self._autocast_dtype()
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+        self.ema = EMA(mods["model"], cfg.ema_decay) if cfg.ema_decay > 0 else None
+        self.sampler = ResumableBatchSampler(len(dataset), cfg.batch_size, cfg.seed, self.dist.rank,
+                                             self.dist.world_size)
+        self.step = 0
+        self.bad_steps = 0
+        self.last_good_checkpoint: Path | None = None
+        self.stop_requested = False
+        self.history: list[dict[str, float]] = []
+
+    # ------------------------------------------------------------------ helpers
+    def _autocast_dtype(self) -> torch.dtype:
+        p = self.cfg.precision
+        if p == Precision.auto:
+            return torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        return {Precision.fp32: torch.float32, Precision.bf16: torch.bfloat16, Precision.fp16: torch.float16}[p]
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The autocast context of a training or evaluation forward."""
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def ema_model(self) -> nn.Module:
+        """A fresh copy of the model holding the EMA weights (the live model is left untouched)."""
+        import copy
+
+        model = copy.deepcopy(self.modules["model"])
+        if self.ema is not None:
+            self.ema.copy_to(model)
+        return model.eval()
+
+    def request_stop(self, *_: object) -> None:
+        """Checkpoint at the next step boundary and return from :meth:`fit` (preemption, SIGTERM/SIGUSR2)."""
+        self.stop_requested = True
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self) -> Path | None:
+        """Write a checkpoint of the current state (rank 0 writes; all ranks wait)."""
+        path = None
+        if self.dist.is_main:
+            mods = {k: m.state_dict() for k, m in self.modules.items()}
+            if self.ema is not None:
+                mods["ema"] = self.ema.state_dict()
+            state = {"sampler": self.sampler.state_dict(), "rng": _rng_state(), "bad_steps": self.bad_steps,
+                     "scaler": {k: v for k, v in self.scaler.state_dict().items() if not torch.is_tensor(v)}}
+            try:
+                path = save_checkpoint(self.run_dir, self.step, mods,
+                                       {k: o.state_dict() for k, o in self.optimizers.items()},
+                                       state, self.cfg.keep_last)
+            finally:
+                barrier()
+            self.last_good_checkpoint = path
+        else:
+            barrier()
+        return path
+
+    def resume(self) -> bool:
+        """Restore the newest complete checkpoint of the run directory, if any."""
+        path = latest_checkpoint(self.run_dir, verify=True)
+        if path is None:
+            if latest_checkpoint(self.run_dir) is not None:
+                raise CheckpointError(f"no checkpoint in {self.run_dir / 'checkpoints'} passes verification; "
+                                      "move the directory away to start over")
+            return False
+        modules, optimizers, state = load_checkpoint(path, self.device)
+        for k, m in self.modules.items():
+            load_module_state(m, modules[k], f"{path}/{k}.safetensors")
+        if self.ema is not None:
+            self.ema.load_state_dict(modules["ema"])
+        for k, o in self.optimizers.items():
+            o.load_state_dict(optimizers[k])
+        self.sampler.load_state_dict(state["sampler"])
+        _set_rng(state["rng"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.step, self.bad_steps = int(state["step"]), int(state.get("bad_steps", 0))
+        self.last_good_checkpoint = path
+        if self.dist.is_main:
+            print(f"[train] resumed from {path} at step {self.step}", file=sys.stderr)
+        return True
+
+    # ------------------------------------------------------------------ one step
+    def _apply(self, phase: Phase) -> tuple[bool, float]:
+        opt = self.optimizers[phase.optimizer]
+        params = self.groups[phase.optimizer]
+        finite = bool(torch.isfinite(phase.loss.detach()).item())
+        finite = not all_reduce_flag(not finite, self.device)
+        if not finite:
+            opt.zero_grad(set_to_none=True)
+            return False, float("nan")
+        self.scaler.scale(phase.loss).backward()
+        all_reduce_grads(params, self.dist.world_size)
+        self.scaler.unscale_(opt)
+        norm = 0.0
+        if self.cfg.grad_clip > 0:
+            norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip))
+        grads_ok = math.isfinite(norm) if self.cfg.grad_clip > 0 else True
+        if not all_reduce_flag(not grads_ok, self.device):
+            lr = lr_at(self.step, self.cfg)
+            for g in opt.param_groups:
+                g["lr"] = lr * g.get("lr_scale", 1.0)
+            self.scaler.step(opt)
+            self.scaler.update()
+        else:
+            finite = False
+        opt.zero_grad(set_to_none=True)
+        return finite, norm
+
+    def _to_device(self, batch: Any) -> Any:
+        if torch.is_tensor(batch):
+            return batch.to(self.device, non_blocking=True)
+        if isinstance(batch, (list, tuple)):
+            return type(batch)(self._to_device(b) for b in batch)
+        if isinstance(batch, dict):
+            return {k: self._to_device(v) for k, v in batch.items()}
+        return batch
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self) -> dict[str, float]:
+        """Train to ``max_steps`` (or until a stop is requested); returns the last logged metrics."""
+        with RunLock(self.run_dir) if self.dist.is_main else contextlib.nullcontext():
+            return self._fit()
+
+    def _fit(self) -> dict[str, float]:
+        cfg = self.cfg
+        self.resume()
+        old_handlers = {}
+        for sig in (signal.SIGTERM, signal.SIGUSR2):
+            with contextlib.suppress(ValueError):  # not the main thread
+                old_handlers[sig] = signal.signal(sig, self.request_stop)
+        logger = MetricsLogger(self.run_dir, self.dist.is_main, cfg.tensorboard)
+        loader = DataLoader(self.dataset, batch_sampler=self.sampler, num_workers=cfg.num_workers,
+                            collate_fn=self.collate_fn, pin_memory=self.device.type == "cuda",
+                            persistent_workers=False)
+        bar = None
+        if cfg.progress and self.dist.is_main:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=cfg.max_steps, initial=self.step, desc=self.run_dir.name, dynamic_ncols=True,
+                       file=sys.stderr)
+        last: dict[str, float] = {}
+        acc: dict[str, float] = {}
+        n_acc, t0, seen = 0, time.perf_counter(), 0
+        for m in self.modules.values():
+            m.train()
+        try:
+            data = iter(loader)
+            while self.step < cfg.max_steps and not self.stop_requested:
+                batch = self._to_device(next(data))
+                torch.manual_seed(step_seed(cfg.seed, self.step, self.dist.rank))
+                step_ok, logs = True, {}
+                with self.autocast():
+                    phases = self.task.train_step(batch, self.step)
+                    for phase in phases:
+                        ok, norm = self._apply(phase)
+                        step_ok &= ok
+                        logs[f"loss/{phase.optimizer}"] = float(phase.loss.detach())
+                        logs[f"grad_norm/{phase.optimizer}"] = norm
+                        logs.update({k: float(v.detach()) if torch.is_tensor(v) else float(v)
+                                     for k, v in phase.logs.items()})
+                seen += len(batch[0]) if isinstance(batch, (list, tuple)) else cfg.batch_size
+                if not step_ok:
+                    self.bad_steps += 1
+                    if self.bad_steps >= cfg.max_bad_steps:
+                        terms = ", ".join(f"{k}={v:.4g}" for k, v in logs.items() if not k.startswith("grad"))
+                        raise TrainingDiverged(
+                            f"non-finite loss at step {self.step} for {self.bad_steps} consecutive steps "
+                            f"({terms}); updates were skipped. Last good checkpoint: "
+                            f"{self.last_good_checkpoint or 'none'}. Lower train.lr or check the data, then resume.")
+                    print(f"[train] step {self.step}: non-finite loss, update skipped "
+                          f"({self.bad_steps}/{cfg.max_bad_steps})", file=sys.stderr)
+                    self.step += 1
+                    continue
+                self.bad_steps = 0
+                if self.ema is not None:
+                    self.ema.update(self.modules["model"], self.step)
+                self.step += 1
+                for k, v in logs.items():
+                    acc[k] = acc.get(k, 0.0) + v
+                n_acc += 1
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in logs.items()
+                                     if k.startswith("loss/")}, refresh=False)
+                if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                    dt = time.perf_counter() - t0
+                    last = {k: v / n_acc for k, v in acc.items()}
+                    last.update({"lr": lr_at(self.step - 1, cfg), "images_per_s": seen * self.dist.world_size / dt})
+                    logger.log(self.step, last)
+                    self.history.append({"step": self.step, **last})
+                    acc, n_acc, t0, seen = {}, 0, time.perf_counter(), 0
+                if cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == cfg.max_steps):
+                    if self.dist.is_main:
+                        metrics = self.task.evaluate(self.ema_model() if self.ema else self.modules["model"],
+                                                     self.step)
+                        logger.log(self.step, metrics, kind="eval")
+                        for m in self.modules.values():
+                            m.train()
+                    barrier()
+                if self.step % cfg.ckpt_every == 0 and self.step < cfg.max_steps:
+                    self.save()
+            self.save()
+            if self.step >= cfg.max_steps and self.dist.is_main:
+                self.task.export(self.ema_model() if self.ema else self.modules["model"].eval(),
+                                 self.run_dir / "final")
+            barrier()
+        finally:
+            if bar is not None:
+                bar.close()
+            logger.close()
+            for sig, h in old_handlers.items():
+                signal.signal(sig, h)
+        return last
