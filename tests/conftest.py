@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytest_plugins = ["tests.slurm_fixtures"]
+
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT / "tests" / "assets"
 

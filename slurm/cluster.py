@@ -1,0 +1,138 @@
+"""The project's dev Slurm cluster from Python, and the check that a Slurm client is installed.
+
+``slurm/cluster.sh`` does the work (one real single-node Slurm on localhost, started without systemd,
+stopped by saved PID); :class:`DevCluster` runs it::
+
+    cluster = DevCluster()            # directory: $ALIT_SLURM_DIR or /tmp/alit-slurm
+    cluster.install()                 # apt-get the packages if missing (root, Debian/Ubuntu)
+    os.environ.update(cluster.start())  # {"SLURM_CONF": ".../etc/slurm.conf"}
+    ...                               # sbatch / srun / submitit
+    cluster.stop()
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+SCRIPT = Path(__file__).with_name("cluster.sh")
+DEFAULT_DIR = "/tmp/alit-slurm"
+
+NO_SBATCH = ("no sbatch found: install Slurm or use --cluster local/debug; for a laptop dev cluster run "
+             "`bash slurm/cluster.sh install && eval $(bash slurm/cluster.sh start)`")
+
+
+class ClusterError(RuntimeError):
+    """The dev cluster could not be installed, started or stopped, or no Slurm client is available."""
+
+
+def require_sbatch() -> str:
+    """The path of ``sbatch``; :class:`ClusterError` with what to do when it is not on ``PATH``."""
+    path = shutil.which("sbatch")
+    if path is None:
+        raise ClusterError(NO_SBATCH)
+    return path
+
+
+def parse_exports(text: str) -> dict[str, str]:
+    """The variables of ``export NAME=VALUE`` lines (shell-quoted values, as ``cluster.sh env`` prints)."""
+    env: dict[str, str] = {}
+    for line in text.splitlines():
+        words = shlex.split(line, comments=True)
+        if len(words) >= 2 and words[0] == "export":
+            for word in words[1:]:
+                name, sep, value = word.partition("=")
+                if sep:
+                    env[name] = value
+    return env
+
+
+@dataclass
+class DevCluster:
+    """One dev cluster: its directory and settings (``None`` = the script's default)."""
+
+    directory: str | Path | None = None  # all config, state, logs and sockets; keep it short (< ~55 chars)
+    accounting: bool = True  # run mariadbd + slurmdbd so that sacct (and so submitit's job states) works
+    cpus: int | None = None  # CPUs the node advertises (more than the hardware lets more jobs run at once)
+    port_base: int | None = None  # slurmctld port; slurmd, slurmdbd and mariadbd use the next three
+    partition: str | None = None  # name of the single (default) partition; default "debug"
+    smoke: bool = True  # run `srun true` at the end of start
+    timeout_s: float = 300.0  # limit for one script call (install may download packages)
+
+    def __post_init__(self) -> None:
+        self.directory = Path(self.directory or os.environ.get("ALIT_SLURM_DIR") or DEFAULT_DIR)
+        if len(str(self.directory)) > 55:
+            raise ValueError(f"DevCluster.directory '{self.directory}' is too long for unix socket paths: "
+                             "use a path under ~55 characters (e.g. /tmp/alit-slurm)")
+        if self.cpus is not None and self.cpus < 1:
+            raise ValueError(f"DevCluster.cpus must be >= 1 (or None for the hardware's), got {self.cpus}")
+
+    @property
+    def conf(self) -> Path:
+        """The cluster's ``slurm.conf`` (what ``SLURM_CONF`` points to)."""
+        return Path(self.directory) / "etc" / "slurm.conf"
+
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ, ALIT_SLURM_DIR=str(self.directory),
+                   ALIT_SLURM_ACCOUNTING="1" if self.accounting else "0", ALIT_SLURM_SMOKE="1" if self.smoke else "0")
+        for name, value in (("ALIT_SLURM_CPUS", self.cpus), ("ALIT_SLURM_PORT_BASE", self.port_base),
+                            ("ALIT_SLURM_PARTITION", self.partition)):
+            if value is not None:
+                env[name] = str(value)
+        return env
+
+    def run(self, command: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """Run ``cluster.sh COMMAND``; :class:`ClusterError` with its log tail if it fails and ``check``."""
+        try:
+            proc = subprocess.run(["bash", str(SCRIPT), command], env=self._env(), capture_output=True,
+                                  text=True, timeout=self.timeout_s, stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired as e:
+            raise ClusterError(f"`bash {SCRIPT} {command}` did not finish in {self.timeout_s:.0f} s "
+                               f"(logs: {self.directory}/log)") from e
+        if check and proc.returncode != 0:
+            tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-25:])
+            raise ClusterError(f"`bash {SCRIPT} {command}` failed (exit {proc.returncode}; logs: "
+                               f"{self.directory}/log):\n{tail}")
+        return proc
+
+    def install(self) -> None:
+        """Install the Slurm, munge (and accounting) packages if missing; needs root and apt-get."""
+        self.run("install")
+
+    def start(self) -> dict[str, str]:
+        """Start the cluster (a no-op if it runs) and return the variables to export (``SLURM_CONF``)."""
+        env = parse_exports(self.run("start").stdout)
+        if "SLURM_CONF" not in env:
+            raise ClusterError(f"`bash {SCRIPT} start` printed no 'export SLURM_CONF=...' line")
+        return env
+
+    def env(self) -> dict[str, str]:
+        """The variables to export for an already configured cluster."""
+        return parse_exports(self.run("env").stdout)
+
+    def stop(self) -> None:
+        """Cancel all jobs and stop the daemons of this cluster only (by saved PID); idempotent."""
+        self.run("stop")
+
+    def purge(self) -> None:
+        """Stop the cluster and delete its directory."""
+        self.run("purge")
+
+    def is_up(self) -> bool:
+        """Whether every daemon of this cluster runs (a check that needs root when root started them)."""
+        return self.run("status", check=False).returncode == 0
+
+    def answers(self) -> bool:
+        """Whether this cluster's controller answers (what a user can check of a cluster root started)."""
+        if not self.conf.exists() or shutil.which("scontrol") is None:
+            return False
+        try:
+            proc = subprocess.run(["scontrol", "ping"], env=dict(os.environ, SLURM_CONF=str(self.conf)),
+                                  capture_output=True, text=True, timeout=30)
+        except subprocess.TimeoutExpired:
+            return False
+        return proc.returncode == 0 and "is UP" in proc.stdout

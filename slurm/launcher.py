@@ -1,0 +1,351 @@
+"""The one launcher: any ``module:function`` as a Slurm job (or a local/debug one) through submitit.
+
+Every job runs a :class:`JobSpec` inside a :class:`ResumableJob`. On preemption or at the time limit
+Slurm sends USR2; submitit then calls :meth:`ResumableJob.checkpoint`, which requeues the same job,
+and the function picks up where it stopped from its run directory (the Trainer resumes from
+``run_dir/checkpoints/latest`` by itself). A function that catches the signal itself (the Trainer
+stops at the next step boundary and checkpoints) raises :class:`Preempted` afterwards, and the job is
+requeued the same way.
+
+Usage::
+
+    spec = JobSpec("package.module:function", {"run_dir": run_dir, "steps": 1000})
+    job = submit(spec, run_dir=run_dir, cfg=SlurmConfig(partition="gpu", gpus_per_node=8,
+                                                          tasks_per_node=8), cluster="slurm")
+    [result] = wait_with_errors([job])          # or "local" / "debug" on a laptop
+    jobs = submit_array([spec_a, spec_b], run_dir=run_dir)   # one Slurm array
+
+Logs of a job go to ``<run_dir>/slurm/<job id>/`` (stdout ``*_log.out``, stderr ``*_log.err``).
+In a job of several tasks every task runs the function with ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
+``MASTER_ADDR`` and ``MASTER_PORT`` set, so ``init_distributed()`` joins one process group.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import submitit
+from submitit.core.job_environment import SignalHandler
+from submitit.core.utils import FailedJobError, UncompletedJobError
+
+from tokenizer.core.trainer import Preempted  # raised by a stopped training run; requeues the job
+
+from .cluster import ClusterError, require_sbatch
+
+Cluster = Literal["slurm", "local", "debug"]
+CLUSTERS: tuple[str, ...] = ("slurm", "local", "debug")
+
+
+class SlurmJobError(RuntimeError):
+    """One or more jobs failed; the message names each job, its logs and the end of its stderr."""
+
+
+# ============================================================================ configuration
+@dataclass
+class SlurmConfig:
+    """Resources of one job (per node / per task as in sbatch)."""
+
+    partition: str | None = None  # Slurm partition; None = the cluster's default partition
+    nodes: int = 1  # nodes of one job
+    tasks_per_node: int = 1  # processes per node (one per GPU for training); each runs the function
+    gpus_per_node: int = 0  # GPUs per node (0 = do not ask for any)
+    cpus_per_task: int = 1  # CPU cores per process (data-loading workers + 1)
+    mem_gb: float | None = None  # memory per node in GB; None = the partition's default
+    time_min: int = 60  # time limit of one attempt, in minutes (requeues start the clock again)
+    account: str | None = None  # Slurm account to charge
+    qos: str | None = None  # Slurm quality of service
+    max_num_timeout: int = 3  # requeues allowed after reaching the time limit
+    signal_delay_s: int = 90  # USR2 comes this long before the time limit (time to checkpoint)
+    job_name: str = "alit"  # name shown by squeue
+    extra: dict[str, Any] = field(default_factory=dict)  # more sbatch options, e.g. {"constraint": "a100"}
+
+    def __post_init__(self) -> None:
+        for name in ("nodes", "tasks_per_node", "cpus_per_task", "time_min"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"slurm.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("gpus_per_node", "max_num_timeout", "signal_delay_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"slurm.{name} must be >= 0, got {getattr(self, name)}")
+        if self.mem_gb is not None and self.mem_gb <= 0:
+            raise ValueError(f"slurm.mem_gb must be > 0 (or null for the partition's default), got {self.mem_gb}")
+        if not self.job_name.strip():
+            raise ValueError("slurm.job_name must not be empty")
+        if self.partition is not None and not self.partition.strip():
+            raise ValueError("slurm.partition must be a name or null (the default partition), not empty")
+        bad = [k for k in self.extra if not isinstance(k, str) or not k or k.startswith("-")]
+        if bad:
+            raise ValueError(f"slurm.extra keys must be sbatch option names without dashes "
+                             f"(e.g. 'constraint'), got {bad}")
+
+    @property
+    def num_tasks(self) -> int:
+        """Processes of one job in all."""
+        return self.nodes * self.tasks_per_node
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """What a job runs: ``target(**kwargs)``; picklable, so it travels to the job and back on requeue."""
+
+    target: str  # "package.module:function", importable where the job runs
+    kwargs: dict[str, Any] = field(default_factory=dict)  # keyword arguments (picklable values)
+    requeue: bool = True  # requeue on preemption/timeout; False = the job ends there
+    pythonpath: tuple[str, ...] = ()  # directories put in front of sys.path before importing target
+
+    def __post_init__(self) -> None:
+        module, sep, name = self.target.partition(":")
+        if not (sep and module and name.isidentifier()):
+            raise ValueError(f"JobSpec.target must look like 'package.module:function', got '{self.target}'")
+
+    def resolve(self) -> Callable[..., Any]:
+        """Import the target function (a clear error if it cannot be found)."""
+        for entry in reversed(self.pythonpath):
+            if entry not in sys.path:
+                sys.path.insert(0, entry)
+        module_name, _, name = self.target.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as e:
+            raise ValueError(f"JobSpec.target '{self.target}': cannot import '{module_name}' ({e}); "
+                             "install the package or add its directory to JobSpec.pythonpath") from e
+        fn = getattr(module, name, None)
+        if not callable(fn):
+            raise ValueError(f"JobSpec.target '{self.target}': '{module_name}' has no function '{name}'")
+        return fn
+
+
+# ============================================================================ the job
+class ResumableJob(submitit.helpers.Checkpointable):
+    """Runs a :class:`JobSpec`; on preemption or timeout it is requeued as it is, and resumes from disk."""
+
+    def __init__(self, spec: JobSpec) -> None:
+        self.spec = spec
+        self.starts = 0  # attempts so far (kept across requeues: the requeued job is this object, pickled)
+
+    def __call__(self) -> Any:
+        self.starts += 1
+        env = _job_environment()
+        if env is not None:
+            print(f"[launcher] {self.spec.target}: attempt {self.starts} of job {env.job_id} "
+                  f"(task {env.global_rank}/{env.num_tasks})", file=sys.stderr, flush=True)
+            if env.num_tasks > 1:
+                _export_torch_distributed_env(env)
+        fn = self.spec.resolve()
+        # submitit installed its USR2 handler (checkpoint + requeue) before calling us; keep it, since
+        # the function may install its own handlers (the Trainer does) and restore this one on return.
+        handler = signal.getsignal(_preempt_signal())
+        try:
+            return fn(**self.spec.kwargs)
+        except Preempted:
+            if not isinstance(getattr(handler, "__self__", None), SignalHandler):
+                raise  # not inside a submitit job: nothing to requeue
+            print(f"[launcher] {self.spec.target} stopped early for preemption: requeueing",
+                  file=sys.stderr, flush=True)
+            handler(_preempt_signal(), None)  # task 0: checkpoint() + `scontrol requeue`, then exits
+            return None  # other tasks: the requeue ends them
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission | None:
+        """Requeue this same job (None = do not requeue); the function resumes from its run directory."""
+        if not self.spec.requeue:
+            return None
+        return super().checkpoint(*args, **kwargs)
+
+
+def _preempt_signal() -> signal.Signals:
+    return getattr(signal, "SIG" + submitit.JobEnvironment.USR_SIG)
+
+
+def _job_environment() -> submitit.JobEnvironment | None:
+    """submitit's view of the current job, or None outside a submitit job (e.g. the debug executor)."""
+    try:
+        return submitit.JobEnvironment()
+    except RuntimeError:
+        return None
+
+
+def _export_torch_distributed_env(env: submitit.JobEnvironment) -> None:
+    """Set RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT from the job (the same port on every task).
+
+    The master is the job's first node, or the loopback address when the job has one node (nothing then
+    depends on the host name resolving). CUDA_VISIBLE_DEVICES is left alone: init_distributed() picks
+    ``cuda:LOCAL_RANK`` itself.
+    """
+    dist_env = submitit.helpers.TorchDistributedEnvironment()
+    if env.num_nodes == 1:
+        dist_env.master_addr = "127.0.0.1"
+    dist_env.export(set_cuda_visible_devices=False, overwrite=True)
+
+
+# ============================================================================ executors
+def job_folder(run_dir: str | Path) -> Path:
+    """Where submitit keeps a run's job files and logs: ``<run_dir>/slurm/<job id>``."""
+    return Path(run_dir) / "slurm" / "%j"
+
+
+def check_partition(partition: str | None) -> None:
+    """Make sure the controller answers and ``partition`` (None = the default one) exists."""
+    try:
+        proc = subprocess.run(["sinfo", "-h", "-a", "-o", "%P"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise ClusterError(f"sinfo failed ({e}): is the Slurm controller up?") from e
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["no message"])[-1]
+        raise ClusterError(f"sinfo cannot reach the Slurm controller ({last}); is SLURM_CONF set and the "
+                           "controller up? (dev cluster: `eval $(bash slurm/cluster.sh start)`)")
+    listed = proc.stdout.split()  # the default partition carries a '*'
+    names = [p.rstrip("*") for p in listed]
+    if partition is None:
+        if not any(p.endswith("*") for p in listed):
+            raise ClusterError(f"this Slurm cluster has no default partition: set slurm.partition to one of {names}")
+        return
+    # asked by name: `sinfo -p` prints nothing for a partition that does not exist
+    found = subprocess.run(["sinfo", "-h", "-p", partition, "-o", "%P"], capture_output=True, text=True, timeout=60)
+    if found.returncode != 0 or not found.stdout.strip():
+        raise ClusterError(f"Slurm partition '{partition}' does not exist on this cluster; "
+                           f"set slurm.partition to one of {names} (or null for the default)")
+
+
+def make_executor(cluster: Cluster, folder: str | Path, cfg: SlurmConfig | None = None) -> submitit.AutoExecutor:
+    """A submitit executor for ``cluster`` ("slurm", "local" = subprocesses here, "debug" = in this process).
+
+    The cluster is always named explicitly: submitit would otherwise pick Slurm whenever ``srun`` exists.
+    For "slurm" the client and the partition are checked first.
+    """
+    cfg = cfg or SlurmConfig()
+    if cluster not in CLUSTERS:
+        raise ValueError(f"cluster must be one of {CLUSTERS}, got '{cluster}'")
+    if cluster == "slurm":
+        require_sbatch()
+        check_partition(cfg.partition)
+    # max_num_timeout is an executor argument of slurm and local (the debug executor never requeues)
+    requeues = {f"{cluster}_max_num_timeout": cfg.max_num_timeout} if cluster != "debug" else {}
+    executor = submitit.AutoExecutor(folder=folder, cluster=cluster, **requeues)
+    params: dict[str, Any] = {"name": cfg.job_name, "timeout_min": cfg.time_min, "nodes": cfg.nodes,
+                              "tasks_per_node": cfg.tasks_per_node, "cpus_per_task": cfg.cpus_per_task}
+    if cfg.gpus_per_node:
+        params["gpus_per_node"] = cfg.gpus_per_node
+    if cfg.mem_gb is not None:
+        params["mem_gb"] = cfg.mem_gb
+    if cluster == "slurm":
+        params.update(slurm_partition=cfg.partition, slurm_account=cfg.account, slurm_qos=cfg.qos,
+                      slurm_signal_delay_s=cfg.signal_delay_s,
+                      slurm_additional_parameters=dict(cfg.extra) or None)
+    executor.update_parameters(**params)
+    return executor
+
+
+@contextlib.contextmanager
+def _submission_env() -> Iterator[None]:
+    """Submit without the variables of an enclosing job (sbatch would pass them on), keeping SLURM_CONF."""
+    conf = os.environ.get("SLURM_CONF")
+    with submitit.helpers.clean_env():
+        if conf is not None:
+            os.environ["SLURM_CONF"] = conf
+        yield
+
+
+# ============================================================================ submitting and waiting
+def submit(spec: JobSpec, *, run_dir: str | Path, cfg: SlurmConfig | None = None,
+           cluster: Cluster = "slurm") -> submitit.Job:
+    """Submit one :class:`ResumableJob` running ``spec``; logs under ``<run_dir>/slurm/<job id>``."""
+    spec.resolve()  # fail here, not in the queue, if the target does not exist
+    executor = make_executor(cluster, job_folder(run_dir), cfg)
+    with _submission_env():
+        return executor.submit(ResumableJob(spec))
+
+
+def submit_array(specs: Sequence[JobSpec], *, run_dir: str | Path, cfg: SlurmConfig | None = None,
+                 cluster: Cluster = "slurm") -> list[submitit.Job]:
+    """Submit one job per spec with the same resources, as one Slurm job array."""
+    if not specs:
+        raise ValueError("submit_array needs at least one JobSpec")
+    for spec in specs:
+        spec.resolve()
+    executor = make_executor(cluster, job_folder(run_dir), cfg)
+    with _submission_env(), executor.batch():
+        jobs = [executor.submit(ResumableJob(spec)) for spec in specs]
+    return jobs
+
+
+def _tail(path: Path, n: int) -> str:
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return f"    ({path} cannot be read)"
+    return "\n".join("    " + line for line in lines[-n:]) or "    (empty)"
+
+
+def _headline(error: BaseException) -> str:
+    """One line for a job's error: the exception line of its traceback when there is one."""
+    text = str(error).strip()
+    parts = text.split("-" * 22)
+    if isinstance(error, FailedJobError) and len(parts) >= 3 and parts[1].strip():
+        return parts[1].strip().splitlines()[-1]  # e.g. "ValueError: bad input"
+    if isinstance(error, UncompletedJobError) and "has not produced any output" in text:
+        return "it ended without a result (killed, cancelled, out of time or memory?)"
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def describe_failure(job: submitit.Job, error: BaseException, tail_lines: int = 20) -> str:
+    """A failed job in a few lines: its id and state, its log paths and the end of its stderr."""
+    failed = [job.task(i) for i in range(job.num_tasks)] if job.num_tasks > 1 else [job]
+    with contextlib.suppress(Exception):  # the task that failed first, when it can be told
+        failed = [t for t in failed if t.exception() is not None] or failed
+    task = failed[0]
+    if isinstance(error, FailedJobError):
+        state = "raised an exception"
+    else:  # ended without a result: killed, cancelled, out of time or memory; ask Slurm how
+        try:
+            state = job.get_info(mode="force").get("State", "state unknown")
+        except Exception:  # the state is decoration: never hide the failure behind a failing sacct
+            state = "state unknown"
+    message = str(error).strip()
+    lines = [f"job {job.job_id} ({state}) failed: {_headline(error)}",
+             f"  stdout: {task.paths.stdout}", f"  stderr: {task.paths.stderr}"]
+    if task.paths.stderr.exists() and task.paths.stderr.stat().st_size:
+        lines += [f"  last {tail_lines} lines of stderr:", _tail(task.paths.stderr, tail_lines)]
+    else:
+        lines += ["  (no stderr written) the error was:",
+                  "\n".join("    " + line for line in message.splitlines()[-tail_lines:])]
+    return "\n".join(lines)
+
+
+def wait_with_errors(jobs: Sequence[submitit.Job], timeout_s: float | None = None,
+                     tail_lines: int = 20) -> list[Any]:
+    """Wait for every job; their results in order (a list per task for multi-task jobs).
+
+    Raises :class:`SlurmJobError` naming each failed job, its logs and the last ``tail_lines`` lines of
+    its stderr (after all jobs have ended), or TimeoutError naming the jobs still running.
+    """
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    pending = list(jobs)
+    while pending:
+        pending = [j for j in pending if not j.done()]
+        if pending and deadline is not None and time.monotonic() > deadline:
+            names = ", ".join(f"{j.job_id} ({j.state}, stderr {j.paths.stderr})" for j in pending)
+            raise TimeoutError(f"{len(pending)} job(s) still unfinished after {timeout_s:.0f} s: {names}; "
+                               "cancel them with `scancel <job id>` if they are stuck")
+        if pending:
+            time.sleep(0.5)
+    results: list[Any] = []
+    failures: list[str] = []
+    for job in jobs:
+        try:
+            out = job.results()
+            results.append(out[0] if len(out) == 1 else out)
+        except (FailedJobError, UncompletedJobError) as e:
+            results.append(None)
+            failures.append(describe_failure(job, e, tail_lines))
+    if failures:
+        raise SlurmJobError(f"{len(failures)} of {len(jobs)} job(s) failed:\n" + "\n".join(failures))
+    return results
