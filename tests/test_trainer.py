@@ -19,7 +19,15 @@ from tokenizer.core.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from tokenizer.core.trainer import Phase, RunLock, RunLocked, TrainConfig, Trainer, TrainingDiverged
+from tokenizer.core.trainer import (
+    Phase,
+    Preempted,
+    RunLock,
+    RunLocked,
+    TrainConfig,
+    Trainer,
+    TrainingDiverged,
+)
 
 
 class RegressionTask:
@@ -77,8 +85,8 @@ def _run(run_dir: Path, task: RegressionTask, **kw) -> Trainer:
 
 def test_resume_is_bit_exact(tmp_path: Path) -> None:
     full = _run(tmp_path / "full", RegressionTask())
-    part = _run(tmp_path / "part", RegressionTask(stop_at=6))  # stops (and checkpoints) after step 6
-    assert part.step == 6
+    with pytest.raises(Preempted, match="stopped at step 6 of 14"):  # stops (and checkpoints) after step 6
+        _run(tmp_path / "part", RegressionTask(stop_at=6))
     resumed = _run(tmp_path / "part", RegressionTask())
     assert resumed.step == 14
     for k, v in full.modules["model"].state_dict().items():

@@ -129,16 +129,27 @@ class TrainingDiverged(RuntimeError):
     """Too many consecutive non-finite losses."""
 
 
+class Preempted(RuntimeError):
+    """:meth:`Trainer.fit` stopped before ``max_steps`` on request (SIGTERM, SIGUSR2, :meth:`Trainer.request_stop`)
+    after writing a checkpoint; running the same command again resumes. Under Slurm the launcher requeues."""
+
+
 class RunLocked(RuntimeError):
     """Another process holds the run directory."""
 
 
 # ============================================================================ pieces
 class ResumableBatchSampler(Sampler[list[int]]):
-    """Seeded permutation per epoch, sharded over ranks; resumes at any batch. Drops the last partial batch."""
+    """Seeded permutation per epoch, sharded over ranks; resumes at any batch. Drops the last partial batch.
 
-    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1) -> None:
+    With ``with_epoch`` it yields ``(epoch, index)`` pairs, so a dataset's augmentation can be a pure
+    function of the epoch even in worker processes (``ImageDataset`` accepts them).
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1,
+                 with_epoch: bool = False) -> None:
         self.n, self.batch_size, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
+        self.with_epoch = with_epoch
         self.per_epoch = n // (batch_size * world)
         if self.per_epoch < 1:
             raise ValueError(f"the dataset has {n} items, fewer than one global batch of "
@@ -157,14 +168,15 @@ class ResumableBatchSampler(Sampler[list[int]]):
     def __len__(self) -> int:
         return self.per_epoch
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def __iter__(self) -> Iterator[list[Any]]:
         while True:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
             perm = torch.randperm(self.n, generator=g).tolist()
             while self.batch_index < self.per_epoch:
                 start = (self.batch_index * self.world + self.rank) * self.batch_size
                 self.batch_index += 1
-                yield perm[start: start + self.batch_size]
+                batch = perm[start: start + self.batch_size]
+                yield [(self.epoch, i) for i in batch] if self.with_epoch else batch
             self.epoch, self.batch_index = self.epoch + 1, 0
 
 
@@ -303,6 +315,8 @@ class Trainer:
         self.dist = dist_info or init_distributed(cfg.device)
         self.device = self.dist.device
         self.collate_fn = collate_fn
+        if hasattr(task, "setup"):  # non-checkpointed state that follows the device (loss networks, data)
+            task.setup(self.dist.device)
         mods = task.modules()
         if "model" not in mods:
             raise ValueError("Task.modules() must contain a 'model' entry (the module that is EMA'd and exported)")
@@ -316,7 +330,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.ema = EMA(mods["model"], cfg.ema_decay) if cfg.ema_decay > 0 else None
         self.sampler = ResumableBatchSampler(len(dataset), cfg.batch_size, cfg.seed, self.dist.rank,
-                                             self.dist.world_size)
+                                             self.dist.world_size, with_epoch=hasattr(dataset, "set_epoch"))
         self.step = 0
         self.bad_steps = 0
         self.last_good_checkpoint: Path | None = None
@@ -401,8 +415,8 @@ class Trainer:
         params = self.groups[phase.optimizer]
         finite = bool(torch.isfinite(phase.loss.detach()).item())
         finite = not all_reduce_flag(not finite, self.device)
+        opt.zero_grad(set_to_none=True)  # drop grads an earlier phase left on these params (GAN: disc)
         if not finite:
-            opt.zero_grad(set_to_none=True)
             return False, float("nan")
         self.scaler.scale(phase.loss).backward()
         all_reduce_grads(params, self.dist.world_size)
@@ -461,7 +475,7 @@ class Trainer:
             m.train()
         try:
             data = iter(loader)
-            while self.step < cfg.max_steps and not self.stop_requested:
+            while self.step < cfg.max_steps and not all_reduce_flag(self.stop_requested, self.device):
                 batch = self._to_device(next(data))
                 torch.manual_seed(step_seed(cfg.seed, self.step, self.dist.rank))
                 step_ok, logs = True, {}
@@ -516,7 +530,10 @@ class Trainer:
                 if self.step % cfg.ckpt_every == 0 and self.step < cfg.max_steps:
                     self.save()
             self.save()
-            if self.step >= cfg.max_steps and self.dist.is_main:
+            if self.step < cfg.max_steps:
+                raise Preempted(f"stopped at step {self.step} of {cfg.max_steps} on request; checkpoint "
+                                f"{self.last_good_checkpoint or 'saved'}; run the same command again to resume")
+            if self.dist.is_main:
                 self.task.export(self.ema_model() if self.ema else self.modules["model"].eval(),
                                  self.run_dir / "final")
             barrier()
