@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,6 +29,8 @@ COMMANDS: tuple[Command, ...] = (
             "alit weights"),
     Command("data", "tokenizer.core.data_cmd", "inspect a dataset (the embedded emoji set by default)",
             "alit data --source emoji"),
+    Command("train", "slurm.train_cmd", "train a tokenizer stage (vq, distill, finetune) or a prior",
+            "alit train tokenizer --config configs/tokenizer/vq_emoji_cpu.yaml train.max_steps=50"),
 )
 
 
@@ -56,17 +59,29 @@ def build_parser(load: str | None = None) -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``alit`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    # xformers 0.0.35's own compiled extension does not load against torch 2.14 (it then uses kernels
+    # that PyTorch provides, see offline-assets.md); its import-time warning says nothing actionable.
+    logging.getLogger("xformers").setLevel(logging.ERROR)
     name = next((a for a in argv if not a.startswith("-")), None)
     if name is not None and name not in _by_name():
         build_parser().print_usage(sys.stderr)
         print(f"alit: unknown command '{name}'; choose from: {', '.join(_by_name())}", file=sys.stderr)
         return 2
     parser = build_parser(load=name)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
     if args.command is None:
         parser.print_help()
         return 0
     module = importlib.import_module(_by_name()[args.command].module)
+    # Commands with configs take dotted key=value overrides anywhere on the line (argparse cannot mix a
+    # trailing nargs='*' positional with options, so they are collected here).
+    if getattr(module, "TAKES_OVERRIDES", False):
+        bad = [a for a in extra if a.startswith("-") or "=" not in a]
+        if bad:
+            parser.error(f"unrecognized arguments: {' '.join(bad)} (overrides look like train.lr=1e-4)")
+        args.overrides = extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     return int(module.run(args) or 0)
 
 

@@ -1,0 +1,44 @@
+"""The test command behind ``make test`` (and CI): lint, then the suite, then what was skipped and why.
+
+    python -m tests.run            # ruff + every test not marked slow
+    python -m tests.run --slow     # also the slow tests
+    python -m tests.run -- -k lpips   # extra arguments after -- go to pytest
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.run", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--slow", action="store_true", help="also run tests marked slow")
+    parser.add_argument("pytest_args", nargs="*", help="passed to pytest (after --)")
+    args = parser.parse_args(argv)
+
+    print("== ruff check", flush=True)
+    lint = subprocess.run([sys.executable, "-m", "ruff", "check", "."], cwd=ROOT)
+    if lint.returncode != 0:
+        print("ruff found problems (fix them or run `.venv/bin/ruff check --fix .`)", file=sys.stderr)
+        return lint.returncode
+
+    marker = [] if args.slow else ["-m", "not slow"]
+    cmd = [sys.executable, "-m", "pytest", "-ra", *marker, *args.pytest_args]
+    print("== " + " ".join(cmd[2:]), flush=True)
+    if not args.slow:
+        print("   (tests marked 'slow' are deselected here: run `make test-slow` for them)", flush=True)
+    rc = subprocess.run(cmd, cwd=ROOT).returncode
+    if rc == 5:
+        print("pytest collected no tests: treating as a failure", file=sys.stderr)
+        return 1
+    return rc
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
