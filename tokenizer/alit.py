@@ -1,0 +1,763 @@
+"""ALIT: the recurrent adaptive-length image tokenizer (Duggal et al., ICLR 2025) and its index-level API.
+
+Two modules, readable top to bottom:
+
+- :class:`ALIT` is the recurrent latent-distillation network alone. It reads images and the base
+  tokenizer's continuous features and returns, per supervised iteration, logits over the base codebook
+  (plus the latent codes, their ids and the VQ loss). It holds no base tokenizer, so the trainer decides
+  whether the base is frozen (stage 1) or trained (stage 2).
+- :class:`ALITTokenizer` pairs an :class:`ALIT` (``.alit``) with its base 2D tokenizer (``.base``, a
+  ``tokenizer.vq.BaseVQ``) and is the contract of the priors and samplers: ``encode(images, budget)``,
+  ``decode(ids)``, ``encode_adaptive(images, threshold)``, ``budgets``, ``save_pretrained`` /
+  ``from_pretrained``.
+
+Axis letters and the token space (written once, used in every shape comment):
+
+- ``B`` batch, ``G`` base grid side, ``N = G*G`` grid cells, ``W`` width, ``T`` tokens per iteration,
+  ``t`` an iteration (0-based), ``k = (t+1)*T`` latent tokens after iteration ``t``, ``D`` latent code dim,
+  ``Kb`` base codebook size, ``Cb`` base code dim.
+- Latent ids are in ``[0, codebook_size)``; :data:`PAD_ID` (-1) pads the variable-length codes of
+  :meth:`ALITTokenizer.encode_adaptive` (``(ids, lengths)``; :func:`lengths_to_mask` gives the mask).
+- Budgets are ``T, 2T, ..., num_iters*T``. The ``k``-token code comes from running ``k/T`` iterations
+  and taking *all* latents at that point: every budget is its own sequence, the ``2T`` code is not the
+  ``T`` code extended.
+- Encoder sequence: ``[class (1); 2D tokens (N); latents (k)]``. Decoder sequence:
+  ``[class (1); grid mask tokens (N); latents (k)]``.
+
+Parameter names mirror the public checkpoint (``official-alit-small-keys.tsv``), so the public ``small``
+config builds a state dict with exactly its keys and shapes (base tokenizer aside).
+
+Fixes over the public code: halting is deterministic (a threshold, no Bernoulli sampling) and never
+runs after the last iteration; ``encode`` runs only the iterations its budget needs; budgets are chosen
+per image; supervising iteration ``t`` runs exactly ``t+1`` encoder iterations; no CUDA-only code.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .core.attention import attention
+from .core.checkpoint import CheckpointError, atomic_write_text, load_module_state, load_tensors, save_tensors
+from .core.config import from_dict, to_dict
+
+PAD_ID = -1  # pads variable-length id sequences (encode_adaptive)
+FORMAT = "alit-tokenizer"
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+BASE_DIR = "base"
+
+
+# ============================================================================ configuration
+@dataclass
+class ALITConfig:
+    """Model-only configuration of ALIT; stored with every checkpoint, so a checkpoint rebuilds its model."""
+
+    width: int = 512  # transformer width W (encoder and decoder)
+    depth: int = 8  # encoder layers
+    heads: int = 8  # attention heads; width must be divisible by heads
+    decoder_depth: int | None = None  # decoder layers; None = same as depth
+    mlp_ratio: float = 4.0  # MLP hidden width = mlp_ratio * width
+    tokens_per_iter: int = 32  # T: new latent tokens per iteration
+    num_iters: int = 8  # iterations; the largest budget is num_iters * tokens_per_iter
+    codebook_size: int = 4096  # latent codebook entries (shared by all iterations)
+    code_dim: int = 12  # latent code dimension D
+    commitment_beta: float = 0.25  # VQ commitment weight
+    halting: bool = True  # mask well-predicted grid cells in the encoder for later iterations
+    halting_threshold: float = 0.55  # a cell halts when its predicted probability exceeds this
+    patch_size: int = 16  # pixel patch of the RGB 2D-token branch (= image_size / base_grid)
+    base_grid: int = 16  # G: side of the base tokenizer's token grid (copied from the base config)
+    base_code_dim: int = 256  # Cb: base feature/code channels (copied from the base config)
+    base_codebook_size: int = 1024  # Kb: base codebook entries, the decoder's classes (from the base config)
+
+    def __post_init__(self) -> None:
+        positive = ("width", "depth", "heads", "tokens_per_iter", "num_iters", "codebook_size", "code_dim",
+                    "patch_size", "base_grid", "base_code_dim", "base_codebook_size")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"alit.{name} must be >= 1, got {getattr(self, name)}")
+        if self.decoder_depth is not None and self.decoder_depth < 1:
+            raise ValueError(f"alit.decoder_depth must be >= 1 or null (= depth), got {self.decoder_depth}")
+        if self.width % self.heads:
+            raise ValueError(f"alit.width ({self.width}) must be divisible by alit.heads ({self.heads})")
+        if self.width <= self.base_code_dim:
+            raise ValueError(f"alit.width ({self.width}) must exceed alit.base_code_dim ({self.base_code_dim}): "
+                             "the 2D tokens are width - base_code_dim RGB channels plus the base features; "
+                             "raise the width")
+        if self.mlp_ratio <= 0:
+            raise ValueError(f"alit.mlp_ratio must be > 0, got {self.mlp_ratio}")
+        if self.commitment_beta < 0:
+            raise ValueError(f"alit.commitment_beta must be >= 0, got {self.commitment_beta}")
+        if not 0.0 <= self.halting_threshold <= 1.0:
+            raise ValueError(f"alit.halting_threshold is a probability in [0, 1], got {self.halting_threshold}")
+
+    @property
+    def image_size(self) -> int:
+        """Input image side in pixels."""
+        return self.patch_size * self.base_grid
+
+    @property
+    def num_cells(self) -> int:
+        """N = base_grid ** 2 grid cells."""
+        return self.base_grid * self.base_grid
+
+    @property
+    def max_tokens(self) -> int:
+        """The largest budget, num_iters * tokens_per_iter."""
+        return self.num_iters * self.tokens_per_iter
+
+    @property
+    def budgets(self) -> tuple[int, ...]:
+        """Valid token budgets: T, 2T, ..., num_iters*T."""
+        return tuple(self.tokens_per_iter * (i + 1) for i in range(self.num_iters))
+
+    @property
+    def decoder_layers(self) -> int:
+        """Decoder depth (``decoder_depth`` or ``depth``)."""
+        return self.decoder_depth if self.decoder_depth is not None else self.depth
+
+
+# Registered sizes. The public ones (alit.md; params without the base tokenizer) keep T=32, 8 iterations
+# and a 4096 x 12 codebook. The CPU ones are for a 64x64 image / 8x8 base grid ('tiny' BaseVQ): a
+# distillation step (forward + backward + AdamW, all 8 iterations supervised, batch 16) takes ~0.07 s
+# ('tiny', 0.19M params) and ~0.24 s ('small_cpu', 0.39M) on 2 CPU cores; width 128 / depth 2 took 0.6 s.
+ALIT_SIZES: dict[str, dict[str, Any]] = {
+    "tiny": dict(width=64, depth=1, heads=2, tokens_per_iter=4, num_iters=4, codebook_size=64, code_dim=8),
+    "small_cpu": dict(width=96, depth=1, heads=4, tokens_per_iter=4, num_iters=8, codebook_size=1024,
+                      code_dim=12),
+    # the public sizes: 52.8M, 174.2M, 207.5M, 409.1M
+    "tiny_public": dict(width=512, depth=8, heads=8),
+    "base": dict(width=768, depth=12, heads=12),
+    "small": dict(width=1024, depth=8, heads=8),
+    "semilarge": dict(width=1024, depth=16, heads=16),
+}
+
+
+def alit_config(name: str, **overrides: Any) -> ALITConfig:
+    """The registered size ``name`` with ``overrides`` (e.g. the base tokenizer's grid and code dims)."""
+    if name not in ALIT_SIZES:
+        raise ValueError(f"unknown ALIT size '{name}'; choose one of {sorted(ALIT_SIZES)}")
+    return ALITConfig(**{**ALIT_SIZES[name], **overrides})
+
+
+# ============================================================================ building blocks
+class SelfAttention(nn.Module):
+    """Multi-head self-attention through the project's one attention function (packed qkv projection)."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
+        self.out_proj = nn.Linear(width, width)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, n, w = x.shape
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # (B, L, 3W)
+        q, k, v = qkv.view(b, n, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, H, L, W/H)
+        out = attention(q, k, v)  # (B, H, L, W/H)
+        return self.out_proj(out.transpose(1, 2).reshape(b, n, w))  # (B, L, W)
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block: x + attn(ln(x)), then x + mlp(ln(x)); MLP with GELU, no dropout."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float) -> None:
+        super().__init__()
+        hidden = int(width * mlp_ratio)
+        self.ln_1 = nn.LayerNorm(width)
+        self.attn = SelfAttention(width, heads)
+        self.ln_2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(OrderedDict(c_fc=nn.Linear(width, hidden), gelu=nn.GELU(),
+                                             c_proj=nn.Linear(hidden, width)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+def _blocks(config: ALITConfig, depth: int) -> nn.ModuleList:
+    return nn.ModuleList(Block(config.width, config.heads, config.mlp_ratio) for _ in range(depth))
+
+
+class Encoder(nn.Module):
+    """The encoder's stack of blocks (full bidirectional attention)."""
+
+    def __init__(self, config: ALITConfig) -> None:
+        super().__init__()
+        self.transformer = _blocks(config, config.depth)
+
+    def forward(self, x: Tensor) -> Tensor:
+        for block in self.transformer:
+            x = block(x)
+        return x
+
+
+class LatentDecoder(nn.Module):
+    """Latent codes + grid queries -> logits over the base codebook at every grid cell."""
+
+    def __init__(self, config: ALITConfig) -> None:
+        super().__init__()
+        w = config.width
+        self.num_cells = config.num_cells
+        self.decoder_embed = nn.Linear(config.code_dim, w)
+        self.latent_token_positional_embedding = nn.Parameter(torch.empty(config.max_tokens, w))
+        self.ln_pre = nn.LayerNorm(w)
+        self.transformer = _blocks(config, config.decoder_layers)
+        self.ln_post = nn.LayerNorm(w)
+        self.ffn = nn.Sequential(nn.Linear(w, 2 * w), nn.Tanh(), nn.Linear(2 * w, config.base_codebook_size))
+
+    def forward(self, codes: Tensor, queries: Tensor) -> Tensor:
+        """``codes (B, k, D)``, ``queries (B, 1+N, W)`` (class + grid mask tokens) -> ``(B, N, Kb)``."""
+        k = codes.shape[1]
+        latents = self.decoder_embed(codes) + self.latent_token_positional_embedding[:k]  # (B, k, W)
+        x = self.ln_pre(torch.cat([queries, latents.to(queries.dtype)], dim=1))  # (B, 1+N+k, W)
+        for block in self.transformer:
+            x = block(x)
+        x = self.ln_post(x[:, 1:1 + self.num_cells])  # (B, N, W)
+        return self.ffn(x)  # (B, N, Kb)
+
+
+class VectorQuantizer(nn.Module):
+    """Cosine-similarity VQ: inputs and codes L2-normalised, codebook + beta * commitment loss,
+    straight-through gradients; computed in fp32 with autocast off."""
+
+    def __init__(self, codebook_size: int, code_dim: int, beta: float) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(codebook_size, code_dim)
+        self.beta = beta
+
+    def codes(self, ids: Tensor) -> Tensor:
+        """Unit-norm codes of ``ids (B, k)`` -> ``(B, k, D)`` (what the decoder reads)."""
+        return F.embedding(ids, F.normalize(self.embedding.weight.float(), dim=-1))
+
+    def forward(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``z (B, k, D)`` -> (straight-through codes ``(B, k, D)`` fp32, ids ``(B, k)``, loss ``()``)."""
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            z = F.normalize(z.float(), dim=-1)
+            book = F.normalize(self.embedding.weight.float(), dim=-1)  # (K, D)
+            ids = (z @ book.t()).argmax(dim=-1)  # (B, k): max cosine = nearest unit code
+            z_q = F.embedding(ids, book)  # (B, k, D)
+            loss = F.mse_loss(z_q, z.detach()) + self.beta * F.mse_loss(z, z_q.detach())
+            z_q = z + (z_q - z).detach()
+        return z_q, ids, loss
+
+
+# ============================================================================ outputs
+@dataclass
+class EncoderState:
+    """The recurrent state between encoder iterations; batch-indexable with :meth:`select`."""
+
+    seq: Tensor  # (B, 1+N+k, W): class token, 2D tokens, latents so far (after the post-iteration LayerNorm)
+    halted: Tensor  # (B, N) bool: grid cells replaced by the mask token from the next iteration on
+    iterations: int = 0  # encoder iterations run so far (k = iterations * T)
+
+    def select(self, keep: Tensor) -> EncoderState:
+        """The state of a subset of the batch (``keep``: bool mask or indices)."""
+        return EncoderState(self.seq[keep], self.halted[keep], self.iterations)
+
+
+@dataclass
+class IterationOutput:
+    """What one supervised iteration ``t`` produces."""
+
+    iteration: int  # t (0-based); the code has (t+1) * T tokens
+    logits: Tensor  # (B, N, Kb) over the base codebook
+    codes: Tensor  # (B, k, D) quantized latents (straight-through, fp32)
+    ids: Tensor  # (B, k) long latent ids
+    vq_loss: Tensor  # () codebook + beta * commitment loss of these latents
+
+
+@dataclass
+class ALITOutput:
+    """:meth:`ALIT.forward`'s result (the same in train and eval)."""
+
+    iterations: list[IterationOutput]  # one per supervised iteration, in increasing order
+    halted: list[Tensor]  # per encoder iteration run: (B, N) bool cells masked at its input ([0] all False)
+    encoder_iterations: int  # encoder iterations actually run (= last supervised iteration + 1)
+    targets: Tensor | None = None  # (B, N) long base indices when known (for halting and the losses)
+
+    def at(self, iteration: int) -> IterationOutput:
+        """The output of supervised iteration ``iteration``."""
+        for out in self.iterations:
+            if out.iteration == iteration:
+                return out
+        raise KeyError(f"iteration {iteration} was not supervised; supervised: "
+                       f"{[o.iteration for o in self.iterations]}")
+
+
+def lengths_to_mask(lengths: Tensor, max_len: int) -> Tensor:
+    """``lengths (B,)`` -> bool ``(B, max_len)``, True at real tokens."""
+    return torch.arange(max_len, device=lengths.device)[None] < lengths[:, None]
+
+
+# ============================================================================ the model
+class ALIT(nn.Module):
+    """Recurrent latent distillation: images + base features -> 1D latent codes -> base-codebook logits.
+
+    Counters for tests and profiling (plain ints, reset by :meth:`embed`): ``last_encoder_iterations``
+    (encoder iterations run since) and ``last_decoder_passes`` (decoder passes since).
+    """
+
+    def __init__(self, config: ALITConfig) -> None:
+        super().__init__()
+        self.config = c = config
+        w, n, t = c.width, c.num_cells, c.tokens_per_iter
+        # encoder inputs
+        self.patch_embed = nn.Conv2d(3, w - c.base_code_dim, kernel_size=c.patch_size, stride=c.patch_size)
+        self.encoder_class_embedding = nn.Parameter(torch.empty(1, w))
+        self.encoder_positional_embedding = nn.Parameter(torch.empty(1 + n, w))
+        self.encoder_mask_token = nn.Parameter(torch.empty(1, 1, w))
+        self.latent_tokens = nn.Parameter(torch.empty(t, w))
+        self.latent_token_positional_embedding = nn.Parameter(torch.empty(t, w))
+        self.timestep_embedding = nn.Parameter(torch.empty(c.num_iters, t, w))
+        # encoder
+        self.encoder_ln_pre = nn.LayerNorm(w)
+        self.encoder = Encoder(c)
+        self.encoder_ln_recursive = nn.LayerNorm(w)
+        # bottleneck
+        self.encoder_ln_post = nn.LayerNorm(w)
+        self.pre_quantizer_mlp = nn.Linear(w, c.code_dim)
+        self.quantize = VectorQuantizer(c.codebook_size, c.code_dim, c.commitment_beta)
+        # decoder
+        self.decoder_class_embedding = nn.Parameter(torch.empty(1, w))
+        self.decoder_positional_embedding = nn.Parameter(torch.empty(1 + n, w))
+        self.decoder_mask_token = nn.Parameter(torch.empty(1, 1, w))
+        self.decoder = LatentDecoder(c)
+        self.reset_parameters()
+        self.last_encoder_iterations = 0
+        self.last_decoder_passes = 0
+
+    def reset_parameters(self) -> None:
+        """All initialisation in one place: embeddings ~ N(0, 1/W), matrices ~ truncN(0.02), biases 0."""
+        scale = self.config.width ** -0.5
+        for name, p in self.named_parameters():
+            if name.endswith(("embedding", "embedding.weight", "_token", "latent_tokens")):
+                nn.init.normal_(p, std=scale if "quantize" not in name else 1.0)
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, SelfAttention):
+                nn.init.trunc_normal_(m.in_proj_weight, std=0.02)
+                nn.init.zeros_(m.in_proj_bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    # ------------------------------------------------------------------ budgets
+    @property
+    def budgets(self) -> tuple[int, ...]:
+        """Valid token budgets: T, 2T, ..., num_iters*T."""
+        return self.config.budgets
+
+    def iterations_for(self, budget: int) -> int:
+        """Encoder iterations a ``budget``-token code needs; a budget not in :attr:`budgets` is an error."""
+        if isinstance(budget, bool) or not isinstance(budget, numbers.Integral) or int(budget) not in self.budgets:
+            raise ValueError(f"token budget {budget!r} is not valid: use a positive multiple of "
+                             f"tokens_per_iter={self.config.tokens_per_iter} up to {self.config.max_tokens}, "
+                             f"i.e. one of {list(self.budgets)}")
+        return int(budget) // self.config.tokens_per_iter
+
+    # ------------------------------------------------------------------ encoder
+    def embed(self, images: Tensor, base_features: Tensor) -> EncoderState:
+        """The encoder's initial state: ``[class; 2D tokens]``; resets the counters."""
+        c = self.config
+        if images.ndim != 4 or images.shape[1] != 3 or images.shape[-2:] != (c.image_size, c.image_size):
+            raise ValueError(f"images must be (B, 3, {c.image_size}, {c.image_size}) in [-1, 1], got "
+                             f"{tuple(images.shape)}; resize to the tokenizer's image size")
+        want = (images.shape[0], c.base_code_dim, c.base_grid, c.base_grid)
+        if tuple(base_features.shape) != want:
+            raise ValueError(f"base_features must be {want} (the base tokenizer's pre-quantization features), "
+                             f"got {tuple(base_features.shape)}; is this ALIT built for this base tokenizer?")
+        self.last_encoder_iterations = 0
+        self.last_decoder_passes = 0
+        b = images.shape[0]
+        rgb = self.patch_embed(images)  # (B, W-Cb, G, G)
+        x = torch.cat([rgb, base_features.to(rgb.dtype)], dim=1)  # (B, W, G, G)
+        x = F.normalize(x.flatten(2).transpose(1, 2), dim=-1)  # (B, N, W), unit norm per token
+        cls = self.encoder_class_embedding.expand(b, 1, -1).to(x.dtype)  # (B, 1, W)
+        x = torch.cat([cls, x], dim=1) + self.encoder_positional_embedding  # (B, 1+N, W)
+        halted = torch.zeros(b, c.num_cells, dtype=torch.bool, device=images.device)
+        return EncoderState(self.encoder_ln_pre(x), halted, 0)
+
+    def step(self, state: EncoderState) -> EncoderState:
+        """One encoder iteration: mask halted cells, append T new latents, run the encoder, LayerNorm.
+
+        Tokens pass ``encoder_ln_pre`` once, when they enter the sequence (2D tokens, new latents,
+        mask tokens replacing halted cells); the whole sequence passes ``encoder_ln_recursive`` after.
+        """
+        c, t = self.config, state.iterations
+        if t >= c.num_iters:
+            raise ValueError(f"ALIT has {c.num_iters} iterations; cannot run iteration {t + 1}")
+        b, n = state.seq.shape[0], c.num_cells
+        seq = state.seq
+        if c.halting and t > 0:
+            mask = self.encoder_ln_pre(self.encoder_mask_token[0] + self.encoder_positional_embedding[1:])  # (N, W)
+            grid = torch.where(state.halted[..., None], mask.to(seq.dtype), seq[:, 1:1 + n])  # (B, N, W)
+            seq = torch.cat([seq[:, :1], grid, seq[:, 1 + n:]], dim=1)
+        new = self.latent_tokens + self.latent_token_positional_embedding + self.timestep_embedding[t]  # (T, W)
+        new = self.encoder_ln_pre(new).to(seq.dtype).expand(b, -1, -1)  # (B, T, W)
+        seq = torch.cat([seq, new], dim=1)  # (B, 1+N+k, W)
+        seq = self.encoder_ln_recursive(self.encoder(seq))
+        self.last_encoder_iterations += 1
+        return EncoderState(seq, state.halted, t + 1)
+
+    def bottleneck(self, state: EncoderState) -> tuple[Tensor, Tensor, Tensor]:
+        """All latents so far -> (codes ``(B, k, D)``, ids ``(B, k)``, vq loss ``()``)."""
+        latents = state.seq[:, 1 + self.config.num_cells:]  # (B, k, W)
+        return self.quantize(self.pre_quantizer_mlp(self.encoder_ln_post(latents)))  # (B, k, D)
+
+    # ------------------------------------------------------------------ decoder
+    def decode_logits(self, codes: Tensor) -> Tensor:
+        """Latent codes ``(B, k, D)`` -> logits ``(B, N, Kb)`` over the base codebook."""
+        b = codes.shape[0]
+        n = self.config.num_cells
+        cls = self.decoder_class_embedding.expand(b, 1, -1)  # (B, 1, W)
+        masks = self.decoder_mask_token.expand(b, n, -1)  # (B, N, W)
+        queries = torch.cat([cls, masks], dim=1) + self.decoder_positional_embedding  # (B, 1+N, W)
+        self.last_decoder_passes += 1
+        return self.decoder(codes, queries)
+
+    def codes_from_ids(self, ids: Tensor) -> Tensor:
+        """Latent ids ``(B, k)`` -> unit-norm codes ``(B, k, D)``."""
+        return self.quantize.codes(ids)
+
+    def update_halting(self, halted: Tensor, logits: Tensor, targets: Tensor | None = None) -> Tensor:
+        """Cells halted so far, or newly confident: ``p > halting_threshold`` (deterministic).
+
+        ``p`` is the predicted probability of the target base index when ``targets`` are given (training),
+        else the decoder's own top probability (inference), so encoding needs no targets.
+        """
+        probs = logits.detach().float().softmax(dim=-1)  # (B, N, Kb)
+        if targets is None:
+            p = probs.amax(dim=-1)  # (B, N)
+        else:
+            p = probs.gather(-1, targets.reshape(probs.shape[0], -1, 1)).squeeze(-1)  # (B, N)
+        return halted | (p > self.config.halting_threshold)
+
+    # ------------------------------------------------------------------ forward
+    def _supervised(self, iterations: int | None, supervise: Sequence[int] | None) -> list[int]:
+        n_max = self.config.num_iters
+        if iterations is not None and not 1 <= iterations <= n_max:
+            raise ValueError(f"iterations must be in [1, {n_max}], got {iterations}")
+        if supervise is None:
+            return [(iterations or n_max) - 1]
+        steps = sorted(set(int(s) for s in supervise))
+        if not steps or steps[0] < 0 or steps[-1] >= n_max:
+            raise ValueError(f"supervise must list iterations in [0, {n_max - 1}], got {list(supervise)}")
+        if iterations is not None and steps[-1] >= iterations:
+            raise ValueError(f"supervise={steps} asks for iteration {steps[-1]} but iterations={iterations}; "
+                             f"drop iterations or raise it to {steps[-1] + 1}")
+        return steps
+
+    def forward(self, images: Tensor, base_features: Tensor, targets: Tensor | None = None,
+                iterations: int | None = None, supervise: Sequence[int] | None = None) -> ALITOutput:
+        """Run the recurrence and decode the supervised iterations.
+
+        Args:
+            images: ``(B, 3, H, W)`` in [-1, 1].
+            base_features: ``(B, Cb, G, G)`` the base tokenizer's continuous pre-quantization features.
+            targets: ``(B, G, G)`` or ``(B, N)`` base indices; halting uses them when given, else the
+                decoder's own confidence.
+            iterations: without ``supervise``, supervise iteration ``iterations - 1`` (default: the last).
+            supervise: iterations (0-based) to decode; exactly ``max(supervise) + 1`` encoder iterations run.
+        """
+        steps = self._supervised(iterations, supervise)
+        n_run = steps[-1] + 1
+        if targets is not None:
+            targets = targets.reshape(targets.shape[0], -1).long()  # (B, N)
+            if targets.shape != (images.shape[0], self.config.num_cells):
+                raise ValueError(f"targets must be (B, {self.config.base_grid}, {self.config.base_grid}) base "
+                                 f"indices, got {tuple(targets.shape)}")
+        state = self.embed(images, base_features)
+        outputs: list[IterationOutput] = []
+        halted: list[Tensor] = []
+        for t in range(n_run):
+            halted.append(state.halted)
+            state = self.step(state)
+            halt_next = self.config.halting and t < n_run - 1  # never after the last iteration run
+            if t in steps:
+                codes, ids, vq_loss = self.bottleneck(state)
+                logits = self.decode_logits(codes)
+                outputs.append(IterationOutput(t, logits, codes, ids, vq_loss))
+            elif halt_next:
+                with torch.no_grad():
+                    logits = self.decode_logits(self.bottleneck(state)[0])
+            if halt_next:
+                state.halted = self.update_halting(state.halted, logits, targets)
+        return ALITOutput(outputs, halted, n_run, targets)
+
+
+# ============================================================================ the index-level API
+class ALITTokenizer(nn.Module):
+    """ALIT (``.alit``) + its base 2D tokenizer (``.base``): images <-> variable-length latent ids.
+
+    ``base`` follows the ``tokenizer.vq.BaseVQ`` contract: ``encode_features(images) -> (B, Cb, G, G)``,
+    ``encode_indices(images)`` or ``quantize(features).indices -> (B, G, G)`` (the targets),
+    ``codebook -> (Kb, Cb)``, ``decode_codes(codes) -> images`` (soft codes accepted), ``grid_size``,
+    ``code_dim``, ``codebook_size``, ``save_pretrained`` / ``from_pretrained``.
+    Images are ``(B, 3, H, W)`` in [-1, 1]. Every method is deterministic.
+
+    Why a wrapper rather than a base submodule inside :class:`ALIT`: the distillation network stays
+    usable on precomputed features (stage 1 trains it alone against a frozen base), while this class
+    owns everything that needs both (targets, pixels, the index-level API, the saved directory).
+    """
+
+    def __init__(self, alit: ALIT, base: nn.Module) -> None:
+        super().__init__()
+        c = alit.config
+        got = (int(base.grid_size), int(base.code_dim), int(base.codebook_size))
+        want = (c.base_grid, c.base_code_dim, c.base_codebook_size)
+        if got != want:
+            raise ValueError(f"base tokenizer (grid, code_dim, codebook_size) = {got} but the ALIT config expects "
+                             f"{want}; build the ALIT config from this base (ALITTokenizer.build)")
+        self.alit = alit
+        self.base = base
+
+    @classmethod
+    def build(cls, base: nn.Module, size: str = "tiny", image_size: int | None = None,
+              **overrides: Any) -> ALITTokenizer:
+        """A fresh ALIT of registered ``size`` whose base fields are copied from ``base``.
+
+        ``image_size`` (pixels) defaults to ``base.config.resolution`` (``BaseVQConfig``).
+        """
+        if image_size is None:
+            image_size = getattr(getattr(base, "config", None), "resolution", None)
+        if image_size is None:
+            raise ValueError("cannot tell the base tokenizer's image size: pass image_size=")
+        grid = int(base.grid_size)
+        if image_size % grid:
+            raise ValueError(f"image_size {image_size} is not a multiple of the base grid {grid}")
+        fields = dict(patch_size=image_size // grid, base_grid=grid, base_code_dim=int(base.code_dim),
+                      base_codebook_size=int(base.codebook_size))
+        return cls(ALIT(alit_config(size, **{**fields, **overrides})), base)
+
+    # ------------------------------------------------------------------ the token space
+    @property
+    def config(self) -> ALITConfig:
+        """The ALIT config."""
+        return self.alit.config
+
+    @property
+    def budgets(self) -> tuple[int, ...]:
+        """Valid token budgets: T, 2T, ..., num_iters*T."""
+        return self.alit.budgets
+
+    @property
+    def max_budget(self) -> int:
+        """The largest budget."""
+        return self.config.max_tokens
+
+    @property
+    def tokens_per_iter(self) -> int:
+        """T, the budget step."""
+        return self.config.tokens_per_iter
+
+    @property
+    def codebook_size(self) -> int:
+        """Latent ids are in [0, codebook_size)."""
+        return self.config.codebook_size
+
+    @property
+    def image_size(self) -> int:
+        """Image side in pixels."""
+        return self.config.image_size
+
+    # ------------------------------------------------------------------ training-time forward
+    def forward(self, images: Tensor, iterations: int | None = None,
+                supervise: Sequence[int] | None = None) -> ALITOutput:
+        """Base features (with gradients if the base trains) and indices, then :meth:`ALIT.forward`."""
+        features = self.base.encode_features(images)  # (B, Cb, G, G)
+        with torch.no_grad():
+            if hasattr(self.base, "quantize"):  # BaseVQ: no second encoder pass
+                targets = self.base.quantize(features.detach()).indices  # (B, G, G)
+            else:
+                targets = self.base.encode_indices(images)  # (B, G, G)
+        return self.alit(images, features, targets=targets, iterations=iterations, supervise=supervise)
+
+    def soft_codes(self, logits: Tensor) -> Tensor:
+        """Logits ``(B, N, Kb)`` -> expected base codes ``softmax(logits) @ codebook`` ``(B, Cb, G, G)``."""
+        g = self.config.base_grid
+        book = self.base.codebook  # (Kb, Cb)
+        codes = logits.softmax(dim=-1).to(book.dtype) @ book  # (B, N, Cb)
+        return codes.transpose(1, 2).reshape(logits.shape[0], -1, g, g)  # (B, Cb, G, G)
+
+    def logits_to_images(self, logits: Tensor) -> Tensor:
+        """Logits ``(B, N, Kb)`` -> images ``(B, 3, H, W)`` through the base decoder (soft codes, unclamped)."""
+        return self.base.decode_codes(self.soft_codes(logits))
+
+    # ------------------------------------------------------------------ encode / decode
+    def _check_images(self, images: Tensor) -> None:
+        s = self.image_size
+        if not torch.is_tensor(images) or images.ndim != 4 or tuple(images.shape[1:]) != (3, s, s):
+            shape = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
+            raise ValueError(f"images must be a (B, 3, {s}, {s}) float tensor in [-1, 1], got {shape}")
+
+    def _check_ids(self, ids: Tensor) -> None:
+        if not torch.is_tensor(ids) or ids.ndim != 2 or ids.dtype.is_floating_point:
+            raise ValueError(f"ids must be a (B, k) integer tensor, got "
+                             f"{tuple(ids.shape) if torch.is_tensor(ids) else type(ids).__name__}")
+        self.alit.iterations_for(ids.shape[1])
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.codebook_size):
+            raise ValueError(f"ids must be in [0, {self.codebook_size}) (got min {int(ids.min())}, max "
+                             f"{int(ids.max())}); strip padding ({PAD_ID}) or pass lengths=")
+
+    @torch.no_grad()
+    def encode(self, images: Tensor, budget: int) -> Tensor:
+        """Images -> latent ids ``(B, budget)`` long; runs only ``budget / T`` encoder iterations."""
+        n = self.alit.iterations_for(budget)
+        self._check_images(images)
+        alit = self.alit
+        state = alit.embed(images, self.base.encode_features(images))
+        for t in range(n):
+            state = alit.step(state)
+            if alit.config.halting and t < n - 1:
+                logits = alit.decode_logits(alit.bottleneck(state)[0])
+                state.halted = alit.update_halting(state.halted, logits)
+        return alit.bottleneck(state)[1]  # (B, budget)
+
+    @torch.no_grad()
+    def decode_logits(self, ids: Tensor) -> Tensor:
+        """Latent ids ``(B, k)`` (k a valid budget) -> logits ``(B, N, Kb)`` over the base codebook."""
+        self._check_ids(ids)
+        return self.alit.decode_logits(self.alit.codes_from_ids(ids.long()))
+
+    @torch.no_grad()
+    def decode(self, ids: Tensor, lengths: Tensor | None = None) -> Tensor:
+        """Latent ids ``(B, k)`` -> images ``(B, 3, H, W)`` in [-1, 1].
+
+        With ``lengths (B,)`` the ids are a padded variable-length batch (``encode_adaptive``'s output):
+        each group of equal length is decoded from its first ``length`` ids.
+        """
+        if lengths is None:
+            return self.logits_to_images(self.decode_logits(ids)).float().clamp(-1, 1)
+        if lengths.shape != ids.shape[:1]:
+            raise ValueError(f"lengths must be (B,) = ({ids.shape[0]},), got {tuple(lengths.shape)}")
+        out: Tensor | None = None
+        for k in sorted(set(lengths.tolist())):
+            rows = (lengths == k).nonzero().squeeze(1)
+            images = self.decode(ids[rows, :k])
+            if out is None:
+                out = images.new_empty(ids.shape[0], *images.shape[1:])
+            out[rows] = images
+        assert out is not None
+        return out
+
+    @torch.no_grad()
+    def encode_adaptive(self, images: Tensor, threshold: float,
+                        max_budget: int | None = None) -> tuple[Tensor, Tensor]:
+        """Per image, the first budget whose reconstruction error is below ``threshold``.
+
+        The error is the mean absolute pixel error in [0, 1] units (images mapped from [-1, 1]; the
+        paper's default threshold is 0.07), of the clamped reconstruction. An image that never gets
+        below it takes its lowest-error budget (up to ``max_budget``). Iterations run only as far as
+        some image still needs; images are dropped from the batch once settled.
+
+        Returns ``(ids (B, max_budget) long padded with PAD_ID, lengths (B,) long)``.
+        """
+        self._check_images(images)
+        n_max = self.alit.iterations_for(max_budget if max_budget is not None else self.max_budget)
+        if not threshold >= 0:
+            raise ValueError(f"threshold is an L1 error in [0, 1] pixel units (e.g. 0.07), got {threshold}")
+        alit, b, t_per = self.alit, images.shape[0], self.tokens_per_iter
+        ids_out = torch.full((b, n_max * t_per), PAD_ID, dtype=torch.long, device=images.device)
+        lengths = torch.zeros(b, dtype=torch.long, device=images.device)
+        best = torch.full((b,), math.inf, device=images.device)
+        active = torch.arange(b, device=images.device)  # rows of the batch still running
+        state = alit.embed(images, self.base.encode_features(images))
+        for t in range(n_max):
+            state = alit.step(state)
+            codes, ids, _ = alit.bottleneck(state)  # (b', k, D), (b', k)
+            logits = alit.decode_logits(codes)
+            recon = self.logits_to_images(logits).clamp(-1, 1)
+            err = (recon.float() - images[active].float()).abs().flatten(1).mean(1) / 2  # (b',) [0,1] units
+            better = err < best[active]
+            rows = active[better]
+            k = ids.shape[1]
+            ids_out[rows] = PAD_ID
+            ids_out[rows, :k] = ids[better]
+            lengths[rows] = k
+            best[rows] = err[better]
+            keep = err >= threshold  # first budget below the threshold settles an image
+            if t == n_max - 1 or not bool(keep.any()):
+                break
+            if alit.config.halting:
+                state.halted = alit.update_halting(state.halted, logits)
+            active, state = active[keep], state.select(keep)
+        return ids_out, lengths
+
+    # ------------------------------------------------------------------ persistence
+    def config_dict(self) -> dict[str, Any]:
+        """What ``config.json`` holds: format, version, the ALIT config and the base config."""
+        base_cfg = getattr(self.base, "config", None)
+        base_dict = to_dict(base_cfg) if base_cfg is not None and hasattr(base_cfg, "__dataclass_fields__") \
+            else None
+        return {"format": FORMAT, "format_version": FORMAT_VERSION, "alit": to_dict(self.config),
+                "base": base_dict}
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        """Write ``config.json``, ``model.safetensors`` (ALIT weights) and ``base/`` (the base tokenizer)."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.base.save_pretrained(path / BASE_DIR)
+        tmp = path / f".{WEIGHTS_FILE}.tmp"  # write, then rename: a kill never leaves a half-written file
+        save_tensors(tmp, self.alit.state_dict(), metadata={"format": FORMAT})
+        tmp.replace(path / WEIGHTS_FILE)
+        atomic_write_text(path / CONFIG_FILE, json.dumps(self.config_dict(), indent=1))  # last
+        return path
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, base: nn.Module | None = None,
+                        map_location: str | torch.device = "cpu") -> ALITTokenizer:
+        """Rebuild from :meth:`save_pretrained`'s directory; no pickles, no loss networks.
+
+        ``base`` replaces the saved ``base/`` (e.g. a base shared between models); by default it is
+        loaded with ``tokenizer.vq.BaseVQ.from_pretrained``.
+        """
+        path = Path(path)
+        alit = ALIT(read_alit_config(path))
+        state = load_tensors(path / WEIGHTS_FILE, map_location)
+        load_module_state(alit, state, str(path / WEIGHTS_FILE))
+        if base is None:
+            from .vq import BaseVQ  # the base's own loader; imported here so ALIT alone needs no diffusers
+
+            base = BaseVQ.from_pretrained(path / BASE_DIR)
+            saved = json.loads((path / CONFIG_FILE).read_text()).get("base")
+            if saved is not None and saved != to_dict(base.config):
+                raise CheckpointError(f"{path / BASE_DIR} holds another base tokenizer than {path / CONFIG_FILE} "
+                                      "records; the directory mixes two models: re-save it")
+        return cls(alit.to(map_location), base.to(map_location))
+
+
+def read_alit_config(path: str | Path) -> ALITConfig:
+    """The :class:`ALITConfig` of a saved tokenizer directory, with clear errors for bad files."""
+    cfg_file = Path(path) / CONFIG_FILE
+    if not cfg_file.is_file():
+        raise CheckpointError(f"{cfg_file} not found: not a directory written by ALITTokenizer.save_pretrained")
+    try:
+        raw = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_file} is not valid JSON ({e})") from None
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT or "alit" not in raw:
+        raise CheckpointError(f"{cfg_file} is not an ALIT tokenizer config (format '{FORMAT}' with an 'alit' entry)")
+    version = raw.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(f"{cfg_file} has format version {version}; this code reads up to {FORMAT_VERSION}: "
+                              "update alit-stack")
+    try:
+        return from_dict(ALITConfig, raw["alit"])
+    except ValueError as e:
+        raise CheckpointError(f"{cfg_file}: bad ALIT config: {e}") from None
