@@ -1,0 +1,201 @@
+"""The token cache: a dataset encoded once by a tokenizer, at every budget and per-image adaptively.
+
+Layout of a cache directory::
+
+    manifest.json                  format, tokenizer identity, data config, budgets, splits and shards
+    <split>-<i:05d>.safetensors    one shard: ids_<budget> (n, budget) for every budget, labels (n,),
+                                   adaptive_ids (n, max_budget) padded with -1 and adaptive_lengths (n,)
+                                   when an adaptive threshold was given; int16 ids when K <= 32768
+
+The **tokenizer identity** (sha256 over the tokenizer's config and weight files) is recorded in the
+manifest and in every prior exported from the cache (``tokenizer_identity.json``), so a prior is never
+paired with another tokenizer silently: :func:`check_identity` refuses a mismatch with a clear error.
+Shards are written atomically and a finished cache is reused by a re-run with the same inputs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tokenizer.core.checkpoint import atomic_write_text, load_tensors, save_tensors
+from tokenizer.core.config import to_dict
+from tokenizer.core.data import DataConfig, build_dataset, scan_source
+
+FORMAT = "alit-token-cache"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+IDENTITY_FILE = "tokenizer_identity.json"
+
+
+class TokenizerMismatch(ValueError):
+    """A prior or token cache was made with another tokenizer than the one it is used with."""
+
+
+# ============================================================================ identity
+def tokenizer_identity(tokenizer_dir: str | Path) -> dict[str, str]:
+    """``{"id", "path"}``: sha256 over every config and weight file of a saved tokenizer directory."""
+    root = Path(tokenizer_dir)
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in (".json", ".safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{root} holds no tokenizer (no .json/.safetensors files): pass a directory "
+                                "written by ALITTokenizer.save_pretrained (a tokenizer run's final/)")
+    h = hashlib.sha256()
+    for p in files:
+        h.update(str(p.relative_to(root)).encode())
+        with open(p, "rb") as f:
+            while block := f.read(1 << 22):
+                h.update(block)
+    return {"id": h.hexdigest(), "path": str(root)}
+
+
+def check_identity(expected: dict[str, str], actual: dict[str, str], what: str) -> None:
+    """Raise :class:`TokenizerMismatch` unless both identities name the same tokenizer."""
+    if expected.get("id") != actual.get("id"):
+        raise TokenizerMismatch(
+            f"{what} was made with tokenizer {expected.get('id', '?')[:12]} ({expected.get('path', '?')}) but is "
+            f"used with tokenizer {actual.get('id', '?')[:12]} ({actual.get('path', '?')}); pass the tokenizer it "
+            "was made with, or re-tokenize (alit tokenize) and retrain the prior")
+
+
+def write_identity(out_dir: str | Path, identity: dict[str, str]) -> None:
+    """Record the tokenizer a prior was trained for (next to its weights)."""
+    atomic_write_text(Path(out_dir) / IDENTITY_FILE, json.dumps(identity, indent=1))
+
+
+def read_identity(model_dir: str | Path) -> dict[str, str]:
+    """The tokenizer identity recorded with a prior; a clear error if there is none."""
+    file = Path(model_dir) / IDENTITY_FILE
+    if not file.is_file():
+        raise TokenizerMismatch(f"{model_dir} records no tokenizer ({IDENTITY_FILE} missing): it was not trained "
+                                "from a token cache, so its tokenizer cannot be checked")
+    return json.loads(file.read_text())
+
+
+# ============================================================================ the cache
+@dataclass
+class TokenCache:
+    """One split of a token cache, in memory."""
+
+    ids_by_budget: dict[int, torch.Tensor]  # budget -> (N, budget) int64
+    labels: torch.Tensor  # (N,) int64, -1 = unlabeled
+    adaptive_ids: torch.Tensor | None  # (N, max_budget) int64 padded with -1
+    adaptive_lengths: torch.Tensor | None  # (N,) int64
+    manifest: dict[str, Any]
+
+    @property
+    def identity(self) -> dict[str, str]:
+        return self.manifest["tokenizer"]
+
+    @property
+    def codebook_size(self) -> int:
+        return int(self.manifest["codebook_size"])
+
+    @property
+    def tokens_per_iter(self) -> int:
+        return int(self.manifest["tokens_per_iter"])
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.manifest["num_classes"])
+
+    @property
+    def budgets(self) -> list[int]:
+        return sorted(self.ids_by_budget)
+
+
+def read_manifest(cache_dir: str | Path) -> dict[str, Any]:
+    """The manifest of a finished cache, with clear errors for a missing or foreign directory."""
+    file = Path(cache_dir) / MANIFEST
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} not found: not a finished token cache (run `alit tokenize` first)")
+    manifest = json.loads(file.read_text())
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{file} is not a token cache manifest (format {manifest.get('format')!r})")
+    if int(manifest.get("format_version", 0)) > FORMAT_VERSION:
+        raise ValueError(f"{file} has format version {manifest['format_version']}, newer than this code's "
+                         f"{FORMAT_VERSION}: update alit-stack")
+    return manifest
+
+
+def load_token_cache(cache_dir: str | Path, split: str) -> TokenCache:
+    """Read one split of a cache (all its shards) into memory as int64 tensors."""
+    manifest = read_manifest(cache_dir)
+    if split not in manifest["splits"]:
+        raise KeyError(f"split '{split}' is not in the token cache {cache_dir} (has {sorted(manifest['splits'])})")
+    parts: dict[str, list[torch.Tensor]] = {}
+    for shard in manifest["splits"][split]["shards"]:
+        for k, v in load_tensors(Path(cache_dir) / shard).items():
+            parts.setdefault(k, []).append(v.long())
+    cat = {k: torch.cat(v) for k, v in parts.items()}
+    ids = {int(k.split("_")[1]): v for k, v in cat.items() if k.startswith("ids_")}
+    return TokenCache(ids, cat["labels"], cat.get("adaptive_ids"), cat.get("adaptive_lengths"), manifest)
+
+
+def build_token_cache(tokenizer_dir: str | Path, data: DataConfig, out_dir: str | Path,
+                      splits: tuple[str, ...] = ("train", "val"), adaptive_threshold: float | None = None,
+                      batch_size: int = 64, shard_size: int = 8192, device: str | torch.device = "cpu",
+                      progress: bool = True) -> Path:
+    """Encode ``splits`` of ``data`` with the tokenizer at every budget (and adaptively); returns ``out_dir``.
+
+    A finished cache with the same tokenizer, data and threshold is reused as it is.
+    """
+    from tqdm.auto import tqdm
+
+    from tokenizer.alit import ALITTokenizer
+
+    out = Path(out_dir)
+    identity = tokenizer_identity(tokenizer_dir)
+    request = {"tokenizer": identity["id"], "data": to_dict(data), "splits": list(splits),
+               "adaptive_threshold": adaptive_threshold}
+    if (out / MANIFEST).is_file():
+        old = read_manifest(out)
+        if old.get("request") == request:
+            print(f"[tokenize] {out} is up to date (same tokenizer, data and threshold): reused", file=sys.stderr)
+            return out
+        raise FileExistsError(f"{out} holds a token cache made from other inputs (tokenizer "
+                              f"{old['tokenizer']['id'][:12]}); choose another output directory or delete it")
+    out.mkdir(parents=True, exist_ok=True)
+    tok = ALITTokenizer.from_pretrained(tokenizer_dir, map_location=device).eval()
+    id_dtype = torch.int16 if tok.codebook_size <= 32768 else torch.int32
+    source = scan_source(data)
+    split_info: dict[str, Any] = {}
+    for split in splits:
+        ds = build_dataset(data, split, source=source)
+        shards: list[str] = []
+        bar = tqdm(total=len(ds), desc=f"tokenize {split}", disable=not progress, file=sys.stderr)
+        for s, start in enumerate(range(0, len(ds), shard_size)):
+            stop = min(start + shard_size, len(ds))
+            chunks: dict[str, list[torch.Tensor]] = {}
+            for b0 in range(start, stop, batch_size):
+                items = [ds[i] for i in range(b0, min(b0 + batch_size, stop))]
+                images = torch.stack([x for x, _ in items]).to(device)  # (b, 3, R, R)
+                chunks.setdefault("labels", []).append(torch.tensor([y for _, y in items], dtype=torch.int64))
+                for budget in tok.budgets:
+                    chunks.setdefault(f"ids_{budget}", []).append(tok.encode(images, budget).to(id_dtype).cpu())
+                if adaptive_threshold is not None:
+                    ids, lengths = tok.encode_adaptive(images, adaptive_threshold)
+                    chunks.setdefault("adaptive_ids", []).append(ids.to(id_dtype).cpu())
+                    chunks.setdefault("adaptive_lengths", []).append(lengths.cpu())
+                bar.update(len(items))
+            name = f"{split}-{s:05d}.safetensors"
+            tmp = out / f".{name}.tmp"
+            save_tensors(tmp, {k: torch.cat(v) for k, v in chunks.items()})
+            tmp.replace(out / name)
+            shards.append(name)
+        bar.close()
+        split_info[split] = {"n": len(ds), "shards": shards}
+    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "tokenizer": identity, "request": request,
+                "codebook_size": tok.codebook_size, "tokens_per_iter": tok.tokens_per_iter,
+                "budgets": list(tok.budgets), "num_classes": len(source.class_names),
+                "class_names": list(source.class_names), "adaptive_threshold": adaptive_threshold,
+                "data": to_dict(data), "splits": split_info}
+    atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1))
+    return out
+

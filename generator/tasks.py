@@ -1,0 +1,227 @@
+"""Training either prior with the one training loop: token datasets, :class:`PriorTask`, loading, a baseline.
+
+Data: :class:`TokenDataset` holds the tokenizer's code ids of N images at every budget
+(``{budget: (N, budget)}``, e.g. from the token cache) and their labels. **Every image contributes
+every budget**: item ``j`` is (image ``j % N``, budget ``budgets[j // N]``), so an epoch is
+``N x n_budgets`` sequences and the trainer's shuffled batches mix budgets (and images) freely.
+Items are padded to the longest budget; :func:`collate_tokens` trims a batch to its own longest.
+
+Usage (tiny CPU run)::
+
+    model = MaskGIT(maskgit_config("tiny", codebook_size=K, tokens_per_iter=8, num_budgets=2, num_classes=10))
+    train, val = TokenDataset(ids_by_budget, labels).split(num_val=64)
+    task = PriorTask(model, val)
+    Trainer(TrainConfig(max_steps=300, batch_size=32, lr=1e-3), run_dir, task, train,
+            collate_fn=collate_tokens).fit()        # writes run_dir/final (save_pretrained)
+    prior = load_prior(run_dir / "final")
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from tokenizer.core.trainer import Phase
+
+from .ar import AR, ar_config, ar_loss, ar_nll
+from .maskgit import MaskGIT, maskgit_config, maskgit_loss, maskgit_nll
+from .tokens import NO_LABEL, PAD_ID, TokenBatch
+from .transformer import Prior, PriorLoss, read_pretrained_config
+
+PRIORS: dict[str, type[Prior]] = {"maskgit": MaskGIT, "ar": AR}
+CONFIGS = {"maskgit": maskgit_config, "ar": ar_config}
+
+
+def build_prior(kind: str, size: str = "tiny", **overrides: Any) -> Prior:
+    """A fresh prior: ``kind`` in ``PRIORS``, ``size`` in its size registry, config field overrides."""
+    if kind not in PRIORS:
+        raise ValueError(f"unknown prior kind '{kind}'; choose one of {sorted(PRIORS)}")
+    return PRIORS[kind](CONFIGS[kind](size, **overrides))
+
+
+def load_prior(path: str | Path, device: str | torch.device = "cpu") -> Prior:
+    """Load any prior written by ``save_pretrained`` (the kind is read from its config.json)."""
+    kind = read_pretrained_config(path)["kind"]
+    if kind not in PRIORS:
+        raise ValueError(f"{path}: unknown prior kind '{kind}' (known: {sorted(PRIORS)})")
+    return PRIORS[kind].from_pretrained(path, device)
+
+
+# ============================================================================ data
+class TokenDataset(Dataset):
+    """Code ids of N images at several budgets; one item per (image, budget) (see the module docstring).
+
+    Items are ``(ids (max_budget,) int64 padded with PAD, length () int64, label () int64)``; labels are
+    ``NO_LABEL`` when none are given. Ids are stored in int16 when they fit (the ImageNet token cache at
+    eight budgets is then ~3 GB instead of ~12 GB).
+    """
+
+    def __init__(self, ids_by_budget: dict[int, torch.Tensor], labels: torch.Tensor | None = None) -> None:
+        if not ids_by_budget:
+            raise ValueError("ids_by_budget is empty: pass {budget: LongTensor (N, budget)}")
+        self.budgets = sorted(int(b) for b in ids_by_budget)
+        sizes = {len(v) for v in ids_by_budget.values()}
+        if len(sizes) != 1:
+            raise ValueError(f"every budget must hold the same N images, got sizes {sorted(sizes)}")
+        (self.num_images,) = sizes
+        hi = 0
+        for b, v in ids_by_budget.items():
+            if v.ndim != 2 or v.shape[1] != b or v.is_floating_point():
+                raise ValueError(f"ids_by_budget[{b}] must be an integer tensor (N, {b}), got {v.dtype} "
+                                 f"{tuple(v.shape)}")
+            if v.numel():
+                if int(v.min()) < 0:
+                    raise ValueError(f"ids_by_budget[{b}] holds negative ids; code ids are >= 0")
+                hi = max(hi, int(v.max()))
+        dtype = torch.int16 if hi < 2**15 else torch.int32
+        self.ids = {int(b): v.to(dtype).contiguous() for b, v in ids_by_budget.items()}
+        if labels is None:
+            labels = torch.full((self.num_images,), NO_LABEL, dtype=torch.long)
+        if labels.shape != (self.num_images,):
+            raise ValueError(f"labels must have shape ({self.num_images},), got {tuple(labels.shape)}")
+        self.labels = labels.long()
+        self.max_len = max(self.budgets)
+
+    def __len__(self) -> int:
+        return self.num_images * len(self.budgets)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        image, b = index % self.num_images, self.budgets[index // self.num_images]
+        ids = torch.full((self.max_len,), PAD_ID, dtype=torch.long)
+        ids[:b] = self.ids[b][image]
+        return ids, torch.tensor(b), self.labels[image]
+
+    def subset(self, images: torch.Tensor) -> TokenDataset:
+        """The dataset of the given image indices (all budgets)."""
+        return TokenDataset({b: v[images] for b, v in self.ids.items()}, self.labels[images])
+
+    def split(self, num_val: int, seed: int = 0) -> tuple[TokenDataset, TokenDataset]:
+        """``(train, val)`` by image (an image's budgets never straddle the split), seeded."""
+        if not 0 < num_val < self.num_images:
+            raise ValueError(f"num_val must be in [1, {self.num_images - 1}], got {num_val}")
+        perm = torch.randperm(self.num_images, generator=torch.Generator().manual_seed(seed))
+        return self.subset(perm[num_val:].sort().values), self.subset(perm[:num_val].sort().values)
+
+    def budget_batches(self, batch_size: int) -> Iterator[tuple[int, TokenBatch]]:
+        """Unpadded batches ``(budget, TokenBatch)`` in a fixed order: budget by budget, images in order."""
+        for b in self.budgets:
+            for start in range(0, self.num_images, batch_size):
+                ids = self.ids[b][start: start + batch_size].long()  # (B, b)
+                yield b, TokenBatch(ids, torch.full((len(ids),), b), self.labels[start: start + batch_size])
+
+
+def collate_tokens(items: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stack items into ``(ids (B, L), lengths (B,), labels (B,))`` trimmed to the batch's longest sequence.
+
+    A plain tuple (the trainer rebuilds batches with ``type(batch)(...)`` when moving them to the device).
+    """
+    ids, lengths, labels = (torch.stack(x) for x in zip(*items))
+    return ids[:, : int(lengths.max())], lengths, labels
+
+
+# ============================================================================ baseline
+def unigram_bits_per_token(train_ids: torch.Tensor | Iterable[torch.Tensor],
+                           val_ids: torch.Tensor | Iterable[torch.Tensor], codebook_size: int) -> float:
+    """Bits per validation token under add-one smoothed code frequencies of the training tokens.
+
+    Ids may be tensors of any shape or iterables of them (e.g. ``ids_by_budget.values()``); negative
+    ids (PAD) are ignored.
+    """
+    def flat(x: torch.Tensor | Iterable[torch.Tensor]) -> torch.Tensor:
+        t = x.reshape(-1) if torch.is_tensor(x) else torch.cat([v.reshape(-1) for v in x])
+        t = t.long()
+        t = t[t >= 0]
+        if t.numel() and int(t.max()) >= codebook_size:
+            raise ValueError(f"an id ({int(t.max())}) is >= codebook_size={codebook_size}")
+        return t
+
+    counts = torch.bincount(flat(train_ids), minlength=codebook_size).double() + 1  # add-one
+    logp = (counts / counts.sum()).log2()
+    val = flat(val_ids)
+    if not val.numel():
+        raise ValueError("val_ids holds no tokens")
+    return float(-logp[val].mean())
+
+
+# ============================================================================ the task
+def _maskgit_bits(model: Prior, batch: TokenBatch, steps: int | None, generator: torch.Generator) -> torch.Tensor:
+    return maskgit_nll(model, *batch, steps=steps, generator=generator)  # type: ignore[arg-type]
+
+
+def _ar_bits(model: Prior, batch: TokenBatch, steps: int | None, generator: torch.Generator) -> torch.Tensor:
+    return ar_nll(model, *batch)  # type: ignore[arg-type]  # exact: no decoding steps, no randomness
+
+
+LOSS_FNS: dict[str, Callable[..., PriorLoss]] = {"maskgit": maskgit_loss, "ar": ar_loss}
+BITS_FNS: dict[str, Callable[..., torch.Tensor]] = {"maskgit": _maskgit_bits, "ar": _ar_bits}
+
+
+class PriorTask:
+    """The :class:`~tokenizer.core.trainer.Task` of either prior: one module and optimizer, ``"model"``.
+
+    ``evaluate`` returns held-out bits per token (overall and per budget) on ``val_set``: exact for the AR
+    prior, the random-order decoding code length for MaskGIT with ``maskgit_eval_steps`` forwards per
+    batch (revealing ``len / steps`` tokens per step, linearly; ``None`` = one token per step, the tightest
+    value but ``len`` forwards). The MaskGIT orders come from ``eval_seed``, so every evaluation sees the
+    same ones. Scores are conditional on the true labels (unlabelled = null class).
+    ``packed=True`` trains on packed sequences (pays off only with xformers on CUDA; see
+    :mod:`generator.transformer`).
+    """
+
+    def __init__(self, model: Prior, val_set: TokenDataset | None = None, eval_batch_size: int = 64,
+                 eval_seed: int = 0, maskgit_eval_steps: int | None = 32, packed: bool = False) -> None:
+        if model.kind not in PRIORS:
+            raise ValueError(f"PriorTask trains {sorted(PRIORS)} priors, got kind '{model.kind}'")
+        if val_set is not None:
+            unknown = [b for b in val_set.budgets if b not in model.space.budgets]
+            if unknown:
+                raise ValueError(f"validation budgets {unknown} are not budgets of the model "
+                                 f"({model.space.budgets}); check tokens_per_iter/num_budgets")
+        self.model, self.val_set = model, val_set
+        self.eval_batch_size, self.eval_seed = eval_batch_size, eval_seed
+        self.maskgit_eval_steps, self.packed = maskgit_eval_steps, packed
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"model": self.model}
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        return {"model": list(self.model.parameters())}
+
+    def train_step(self, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor], step: int) -> Iterator[Phase]:
+        """One phase: the prior's loss on ``(ids, lengths, labels)`` from :func:`collate_tokens`."""
+        ids, lengths, classes = batch
+        out = LOSS_FNS[self.model.kind](self.model, ids, lengths, classes, packed=self.packed)
+        yield Phase("model", out.loss, {"accuracy": out.accuracy, "tokens": out.num_tokens.float()})
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, step: int) -> dict[str, float]:
+        if self.val_set is None:
+            return {}
+        device = next(model.parameters()).device
+        generator = torch.Generator().manual_seed(self.eval_seed)
+        bits: dict[int, float] = {}
+        tokens: dict[int, int] = {}
+        was_training = model.training
+        model.eval()  # no dropout while scoring; the mode is restored below
+        try:
+            for b, batch in self.val_set.budget_batches(self.eval_batch_size):
+                batch = TokenBatch(*(t.to(device) for t in batch))
+                seq_bits = BITS_FNS[model.kind](model, batch, self.maskgit_eval_steps, generator)  # (B,)
+                bits[b] = bits.get(b, 0.0) + float(seq_bits.sum())
+                tokens[b] = tokens.get(b, 0) + int(batch.lengths.sum())
+        finally:
+            model.train(was_training)
+        out = {"bits_per_token": sum(bits.values()) / sum(tokens.values())}
+        out.update({f"bits_per_token/{b}": bits[b] / tokens[b] for b in sorted(bits)})
+        out["perplexity"] = math.pow(2.0, out["bits_per_token"])
+        return out
+
+    def export(self, model: nn.Module, out_dir: Path) -> None:
+        model.save_pretrained(out_dir)

@@ -1,0 +1,101 @@
+"""Training a prior (MaskGIT or AR) on a token cache with the one training loop.
+
+Entry point: ``alit train prior --config configs/prior/maskgit_emoji_cpu.yaml tokens=<cache> tokenizer=<dir>``.
+The exported model (``<run>/final``) records the tokenizer identity of its token cache, so sampling
+can refuse a prior paired with another tokenizer.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tokenizer.core.config import save_config
+from tokenizer.core.paths import runs_dir
+from tokenizer.core.trainer import TrainConfig, Trainer
+
+from .cache import check_identity, load_token_cache, tokenizer_identity, write_identity
+from .tasks import PriorTask, TokenDataset, build_prior, collate_tokens, unigram_bits_per_token
+
+
+class PriorKind(Enum):
+    """Which prior to train."""
+
+    maskgit = "maskgit"
+    ar = "ar"
+
+
+@dataclass
+class PriorRunConfig:
+    """A stage-two training run: which prior, on which token cache, with which loop settings."""
+
+    kind: PriorKind = PriorKind.maskgit  # maskgit | ar
+    size: str = "tiny"  # registered size (generator.maskgit / generator.ar size registries)
+    model: dict[str, Any] = field(default_factory=dict)  # overrides of that size's config fields
+    tokens: str = ""  # token cache directory (alit tokenize)
+    tokenizer: str | None = None  # tokenizer directory; if given, must be the cache's tokenizer
+    conditional: bool = True  # class-conditional (with class dropout for CFG) when the data has labels
+    packed: bool = False  # train on packed sequences (block-diagonal attention, no padding compute on CUDA)
+    name: str = "prior"  # run name; the run directory defaults to $ALIT_RUNS/<name>
+    run_dir: str | None = None  # explicit run directory (resumed if it holds checkpoints)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval_batch_size: int = 64  # validation batches for bits/token
+    maskgit_eval_steps: int = 8  # MaskGIT code-length evaluation: forwards per sequence
+
+    def __post_init__(self) -> None:
+        if not self.tokens:
+            raise ValueError("tokens=<token cache directory> is required (make one with `alit tokenize`)")
+
+    def resolved_run_dir(self) -> Path:
+        return Path(self.run_dir) if self.run_dir else runs_dir() / self.name
+
+
+@dataclass
+class PriorResult:
+    """What a finished prior run leaves behind, with its held-out bits/token against the unigram baseline."""
+
+    run_dir: Path
+    step: int
+    bits_per_token: dict[str, float]  # the final evaluation (overall and per budget)
+    unigram_bits_per_token: dict[int, float]  # add-one unigram baseline per budget, same split
+
+    @property
+    def final_dir(self) -> Path:
+        return self.run_dir / "final"
+
+
+def train_prior(cfg: PriorRunConfig) -> PriorResult:
+    """Train (or resume) a prior on a token cache; writes ``final/`` with the tokenizer identity."""
+    train_cache = load_token_cache(cfg.tokens, "train")
+    val_cache = load_token_cache(cfg.tokens, "val")
+    if cfg.tokenizer:
+        check_identity(train_cache.identity, tokenizer_identity(cfg.tokenizer), f"token cache {cfg.tokens}")
+    num_classes = train_cache.num_classes if cfg.conditional else 0
+    torch.manual_seed(cfg.train.seed)
+    model = build_prior(cfg.kind.value, cfg.size, codebook_size=train_cache.codebook_size,
+                        tokens_per_iter=train_cache.tokens_per_iter, num_budgets=len(train_cache.budgets),
+                        num_classes=num_classes, **cfg.model)
+    labels = train_cache.labels if num_classes else None
+    train_set = TokenDataset(train_cache.ids_by_budget, labels)
+    val_set = TokenDataset(val_cache.ids_by_budget, val_cache.labels if num_classes else None)
+    print(f"[train prior] {cfg.kind.value}/{cfg.size}: {train_set.num_images} train and {val_set.num_images} val "
+          f"images x {len(train_set.budgets)} budgets, K={train_cache.codebook_size}, {num_classes} classes",
+          file=sys.stderr)
+    task = PriorTask(model, val_set, eval_batch_size=cfg.eval_batch_size,
+                     maskgit_eval_steps=cfg.maskgit_eval_steps, packed=cfg.packed)
+    run_dir = cfg.resolved_run_dir()
+    trainer = Trainer(cfg.train, run_dir, task, train_set, collate_fn=collate_tokens)
+    if trainer.dist.is_main:
+        save_config(cfg, run_dir)
+    trainer.fit()  # raises Preempted (after checkpointing) when stopped early
+    final = task.evaluate(trainer.ema_model(), trainer.step) if trainer.dist.is_main else {}
+    if trainer.dist.is_main:
+        write_identity(run_dir / "final", train_cache.identity)
+    baseline = {b: unigram_bits_per_token(train_cache.ids_by_budget[b], val_cache.ids_by_budget[b],
+                                          train_cache.codebook_size) for b in train_cache.budgets}
+    return PriorResult(run_dir, trainer.step, final, baseline)

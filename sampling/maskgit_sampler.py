@@ -1,0 +1,109 @@
+"""MaskGIT iterative parallel decoding, scheduler-style: :meth:`MaskGITSampler.step` is one update,
+:meth:`MaskGITSampler.sample` the loop around a model.
+
+Every step starts from the current ids (MASK at unknown slots), runs the model (twice with guidance),
+draws a candidate id at every unknown slot from ``softmax(guided / temperature)``, scores it by its
+log-probability under ``softmax(guided)`` plus ``choice_temperature`` x Gumbel noise (MaskGIT's
+choice temperature), and keeps the candidates except the lowest-scoring ones, which stay masked so
+that ``mask_counts`` slots remain. After the last step every real slot holds a code id in [0, K).
+
+Example::
+
+    sampler = MaskGITSampler(steps=8, schedule=cosine, choice_temperature=Ramp(4.5, 0.0), cfg_scale=2.0)
+    out = sampler.sample(model, budgets=128, classes=torch.tensor([1, 7]),
+                         generator=torch.Generator().manual_seed(0))
+    out.ids  # (2, 128), out.lengths == [128, 128]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from generator.maskgit import MaskGIT, Schedule, cosine, mask_counts
+from generator.tokens import PAD_ID, TokenBatch, lengths_to_mask
+
+from .schedules import (
+    Ramp,
+    ValueSchedule,
+    as_value_schedule,
+    cfg_combine,
+    gumbel,
+    resolve_request,
+    sample_tokens,
+    step_fraction,
+)
+
+
+@dataclass
+class MaskGITSampler:
+    """Settings of MaskGIT decoding; value schedules take ``t`` = 0 at the first step, 1 at the last."""
+
+    steps: int = 8  # decoding steps (each reveals at least one slot per unfinished sequence)
+    schedule: Schedule = cosine  # fraction of slots still masked after a step: r((s + 1) / steps)
+    temperature: float | ValueSchedule = 1.0  # candidate sampling temperature (0 = argmax)
+    choice_temperature: float | ValueSchedule = field(default_factory=lambda: Ramp(4.5, 0.0))  # confidence noise
+    cfg_scale: float | ValueSchedule = 0.0  # guidance: cond + scale (cond - uncond); 0 = no guidance
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        self.temperature = as_value_schedule(self.temperature)
+        self.choice_temperature = as_value_schedule(self.choice_temperature)
+        self.cfg_scale = as_value_schedule(self.cfg_scale)
+
+    def mask_counts(self, lengths: torch.Tensor) -> torch.Tensor:
+        """Masked slots before step 0 and after every step: int64 ``(steps + 1, B)``."""
+        return mask_counts(lengths, self.steps, self.schedule)
+
+    def step(self, logits: torch.Tensor, ids: torch.Tensor, mask_id: int, remaining: torch.Tensor, step: int,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+        """One decoding update.
+
+        ``logits (B, L, K)`` (guided), ``ids (B, L)`` with ``mask_id`` at unknown slots, ``remaining (B,)``
+        the slots to leave masked (fewer than the unknown ones, unless none are unknown). Returns the new ids.
+        """
+        t = step_fraction(step, self.steps)
+        unknown = ids == mask_id  # (B, L)
+        picked = logits[unknown]  # (M, K)
+        candidates = sample_tokens(picked, self.temperature(t), generator)  # (M,)
+        logp = picked.float().log_softmax(-1).gather(-1, candidates[:, None])[:, 0]  # (M,)
+        score = logp + self.choice_temperature(t) * gumbel(logp.shape, logp.device, generator)  # (M,)
+        confidence = torch.full(ids.shape, float("inf"), device=ids.device)  # known/padded slots: never re-masked
+        confidence[unknown] = score
+        keep_masked = confidence.argsort(1).argsort(1) < remaining[:, None]  # (B, L) lowest scores
+        proposal = ids.clone()
+        proposal[unknown] = candidates
+        return torch.where(keep_masked, ids, proposal)
+
+    @torch.no_grad()
+    def sample(self, model: MaskGIT, budgets: int | Sequence[int] | torch.Tensor,
+               classes: torch.Tensor | Sequence[int] | None = None, *, generator: torch.Generator | None = None,
+               batch_size: int | None = None) -> TokenBatch:
+        """Sample ``B`` sequences of the given budgets (one int, or one per sample: mixed budgets are fine).
+
+        Returns a :class:`~generator.tokens.TokenBatch`: ids ``(B, max budget)`` with exactly ``budget`` code
+        ids in [0, K) per row and PAD after, the budgets as lengths, the class ids used.
+        """
+        space = model.space
+        device = next(model.parameters()).device
+        lengths, cond = resolve_request(space, budgets, classes, batch_size, device)
+        scales = [self.cfg_scale(step_fraction(s, self.steps)) for s in range(self.steps)]
+        if space.num_classes == 0 and any(scales):
+            raise ValueError("cfg_scale must be 0 for an unconditional prior (num_classes=0)")
+        mask = lengths_to_mask(lengths, int(lengths.max()))  # (B, L)
+        ids = torch.where(mask, space.mask_id, PAD_ID)  # (B, L)
+        remaining = self.mask_counts(lengths)  # (S + 1, B)
+        null = torch.full_like(cond, space.null_class)
+        for s in range(self.steps):
+            if not bool((ids == space.mask_id).any()):
+                break
+            if scales[s] == 0:
+                logits = model(ids, lengths, cond)  # (B, L, K)
+            else:
+                both = model(ids.repeat(2, 1), lengths.repeat(2), torch.cat([cond, null]))  # (2B, L, K)
+                logits = cfg_combine(*both.chunk(2), scales[s])
+            ids = self.step(logits, ids, space.mask_id, remaining[s + 1], s, generator)
+        return TokenBatch(ids, lengths, cond)
