@@ -31,6 +31,8 @@ COMMANDS: tuple[Command, ...] = (
             "alit data --source emoji"),
     Command("train", "slurm.train_cmd", "train a tokenizer stage (vq, distill, finetune) or a prior",
             "alit train tokenizer --config configs/tokenizer/vq_emoji_cpu.yaml train.max_steps=50"),
+    Command("tokenize", "slurm.tokenize_cmd", "encode a dataset at every budget into a token cache for priors",
+            "alit tokenize --tokenizer runs/emoji_finetune/final --out runs/emoji_tokens --adaptive-threshold 0.07"),
 )
 
 

@@ -77,3 +77,17 @@ def test_roundtrip_and_saved_with_commit(tmp_path: Path) -> None:
     body = yaml.safe_load(out.read_text())
     assert body["config"]["mode"] == "b" and body["config"]["inner"]["steps"] == 3
     assert body["git_commit"] and isinstance(body["git_commit"], str)
+
+
+@dataclass
+class WithFree:
+    size: str = "tiny"
+    overrides: dict[str, int] = field(default_factory=dict)
+    inner: Inner = field(default_factory=Inner)
+
+
+def test_free_form_dicts_take_new_keys_but_typed_nodes_do_not() -> None:
+    cfg = load_config(WithFree, None, ["overrides.width=96", "overrides.depth=2"])
+    assert cfg.overrides == {"width": 96, "depth": 2}
+    with pytest.raises(ConfigError, match=r"inner\.nope"):
+        load_config(WithFree, None, ["inner.nope=1"])

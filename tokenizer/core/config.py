@@ -74,10 +74,28 @@ def parse_overrides(overrides: Sequence[str]) -> DictConfig:
         raise _explain(e, "overrides") from None
 
 
-def load_config(schema: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
-    """Build a validated ``schema`` instance from its defaults, a YAML file and dotted overrides."""
+def _structured(schema: type[Any]) -> DictConfig:
+    """The schema as a struct config: unknown keys are errors, except inside free-form ``dict`` fields
+    (e.g. size overrides), whose keys are checked by the model config they are applied to."""
     base = OmegaConf.structured(schema)
     OmegaConf.set_struct(base, True)
+
+    def open_dicts(node: DictConfig) -> None:
+        for key in node:
+            child = node._get_node(key)
+            if isinstance(child, DictConfig):
+                if child._metadata.object_type in (None, dict):
+                    OmegaConf.set_struct(child, False)
+                else:
+                    open_dicts(child)
+
+    open_dicts(base)
+    return base
+
+
+def load_config(schema: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
+    """Build a validated ``schema`` instance from its defaults, a YAML file and dotted overrides."""
+    base = _structured(schema)
     merged = base
     try:
         if path is not None:
@@ -104,8 +122,7 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 def from_dict(schema: type[T], data: dict[str, Any]) -> T:
     """Rebuild a config dataclass from :func:`to_dict` output, with the same validation."""
-    base = OmegaConf.structured(schema)
-    OmegaConf.set_struct(base, True)
+    base = _structured(schema)
     try:
         return OmegaConf.to_object(OmegaConf.merge(base, OmegaConf.create(data)))  # type: ignore[return-value]
     except OmegaConfBaseException as e:

@@ -439,6 +439,8 @@ class Trainer:
     def _to_device(self, batch: Any) -> Any:
         if torch.is_tensor(batch):
             return batch.to(self.device, non_blocking=True)
+        if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a NamedTuple
+            return type(batch)(*(self._to_device(b) for b in batch))
         if isinstance(batch, (list, tuple)):
             return type(batch)(self._to_device(b) for b in batch)
         if isinstance(batch, dict):
