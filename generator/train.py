@@ -15,7 +15,6 @@ from typing import Any
 
 import torch
 
-from tokenizer.core.config import save_config
 from tokenizer.core.paths import runs_dir
 from tokenizer.core.trainer import TrainConfig, Trainer
 
@@ -89,9 +88,7 @@ def train_prior(cfg: PriorRunConfig) -> PriorResult:
     task = PriorTask(model, val_set, eval_batch_size=cfg.eval_batch_size,
                      maskgit_eval_steps=cfg.maskgit_eval_steps, packed=cfg.packed)
     run_dir = cfg.resolved_run_dir()
-    trainer = Trainer(cfg.train, run_dir, task, train_set, collate_fn=collate_tokens)
-    if trainer.dist.is_main:
-        save_config(cfg, run_dir)
+    trainer = Trainer(cfg.train, run_dir, task, train_set, collate_fn=collate_tokens, run_config=cfg)
     trainer.fit()  # raises Preempted (after checkpointing) when stopped early
     final = task.evaluate(trainer.ema_model(), trainer.step) if trainer.dist.is_main else {}
     if trainer.dist.is_main:

@@ -31,6 +31,8 @@ from tokenizer.core.checkpoint import (
     load_module_state,
     load_tensors,
     save_tensors,
+    verify_checkpoint,
+    write_manifest,
 )
 from tokenizer.core.config import from_dict, to_dict
 
@@ -38,6 +40,7 @@ from .tokens import TokenSpace
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
+FORMAT_VERSION = 1  # of a saved prior directory; a newer one is refused
 
 
 # ============================================================================ config
@@ -250,7 +253,9 @@ class Prior(nn.Module):
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         save_tensors(out / WEIGHTS_FILE, self.state_dict(), metadata={"kind": self.kind})
-        atomic_write_text(out / CONFIG_FILE, json.dumps({"kind": self.kind, "config": to_dict(self.config)}, indent=2))
+        meta = {"kind": self.kind, "format_version": FORMAT_VERSION, "config": to_dict(self.config)}
+        atomic_write_text(out / CONFIG_FILE, json.dumps(meta, indent=2))
+        write_manifest(out, [WEIGHTS_FILE, CONFIG_FILE])  # sizes and sha256, checked at load
         return out
 
     @classmethod
@@ -260,7 +265,12 @@ class Prior(nn.Module):
         if meta["kind"] != cls.kind:
             raise CheckpointError(f"{path} holds a '{meta['kind']}' prior, not '{cls.kind}'; load it with "
                                   "generator.tasks.load_prior")
-        model = cls(from_dict(cls.config_class, meta["config"]))  # type: ignore[call-arg]
+        verify_checkpoint(path)  # truncated or modified files are refused, naming the file
+        try:
+            config = from_dict(cls.config_class, meta["config"])  # type: ignore[attr-defined]
+        except (ValueError, TypeError) as e:
+            raise CheckpointError(f"{Path(path) / CONFIG_FILE}: invalid {cls.kind} config ({e})") from None
+        model = cls(config)  # type: ignore[call-arg]
         load_module_state(model, load_tensors(Path(path) / WEIGHTS_FILE), str(Path(path) / WEIGHTS_FILE))
         return model.to(device).eval()
 
@@ -278,11 +288,21 @@ class PriorLoss:
 
 
 def read_pretrained_config(path: str | Path) -> dict[str, Any]:
-    """``{"kind": ..., "config": {...}}`` of a ``save_pretrained`` directory."""
+    """``{"kind": ..., "format_version": ..., "config": {...}}`` of a ``save_pretrained`` directory."""
     file = Path(path) / CONFIG_FILE
     if not file.is_file():
         raise CheckpointError(f"{file} not found: pass a directory written by save_pretrained (e.g. <run>/final)")
-    return json.loads(file.read_text())
+    try:
+        meta = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{file} is not valid JSON ({e}): a truncated or damaged prior config") from None
+    if not isinstance(meta, dict) or "kind" not in meta or "config" not in meta:
+        raise CheckpointError(f"{file} is not a prior config (needs 'kind' and 'config')")
+    version = meta.get("format_version", 1)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(f"{file} has format version {version}; this code reads up to {FORMAT_VERSION}: "
+                              "update alit-stack")
+    return meta
 
 
 def cross_entropy_bits(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

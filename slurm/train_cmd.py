@@ -5,8 +5,10 @@
     alit train tokenizer --config configs/tokenizer/finetune_emoji_cpu.yaml init=<distill run>/final
     alit train prior --config configs/prior/maskgit_emoji_cpu.yaml tokens=<token cache> tokenizer=<dir>
     torchrun --nproc_per_node 8 -m slurm.cli train tokenizer --config configs/tokenizer/distill_imagenet_gpu.yaml ...
+    alit train tokenizer --config ... --cluster slurm --partition gpu --gpus 8 --tasks 8 --time 4:00:00 [--no-wait]
 
-A run directory that already holds checkpoints is resumed. Overrides are dotted ``key=value`` pairs.
+A run directory that already holds checkpoints is resumed. Overrides are dotted ``key=value`` pairs;
+``slurm.key=value`` ones set the job's resources (with ``--cluster``; see ``slurm.launcher.SlurmConfig``).
 """
 
 from __future__ import annotations
@@ -14,8 +16,16 @@ from __future__ import annotations
 import argparse
 import sys
 
+from generator.cache import TokenizerMismatch
+from tokenizer.core.checkpoint import CheckpointError
 from tokenizer.core.config import ConfigError, load_config
-from tokenizer.core.trainer import Preempted
+from tokenizer.core.data import DataError
+from tokenizer.core.trainer import Preempted, RunLocked, TrainingDiverged
+
+from .launcher import add_cluster_arguments, cluster_flags_given, split_slurm_overrides
+
+# Failures that name their cause and fix in the message; anything else is a bug and keeps its traceback.
+EXPECTED_FAILURES = (RunLocked, TrainingDiverged, CheckpointError, DataError, TokenizerMismatch, FileNotFoundError)
 
 TARGETS = ("tokenizer", "prior")
 TAKES_OVERRIDES = True  # trailing key=value pairs arrive as args.overrides
@@ -25,6 +35,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.usage = "alit train {tokenizer,prior} --config CONFIG [key=value ...]"
     parser.add_argument("target", choices=TARGETS, help="what to train")
     parser.add_argument("--config", required=True, help="YAML config (see configs/)")
+    add_cluster_arguments(parser)  # --cluster slurm|local|debug|none (default none: this process) + resources
 
 
 def run(args: argparse.Namespace) -> int:
@@ -34,16 +45,29 @@ def run(args: argparse.Namespace) -> int:
     else:
         from generator.train import PriorRunConfig as schema
         from generator.train import train_prior as train
+    overrides, slurm_overrides = split_slurm_overrides(args.overrides)
+    if args.cluster == "none" and (slurm_overrides or cluster_flags_given(args)):
+        given = " ".join(cluster_flags_given(args) + slurm_overrides)
+        print(f"alit train: {given} only apply to a job: add --cluster slurm (or local/debug)", file=sys.stderr)
+        return 2
     try:
-        cfg = load_config(schema, args.config, args.overrides)
+        cfg = load_config(schema, args.config, overrides)
     except ConfigError as e:
         print(f"alit train: {e}", file=sys.stderr)
         return 2
+    if args.cluster != "none":
+        from .jobs import run_on_cluster
+
+        cfg.run_dir = str(cfg.resolved_run_dir().absolute())  # the job may start in another directory
+        return run_on_cluster(args, args.target, cfg, slurm_overrides)
     try:
         result = train(cfg)
     except Preempted as e:
         print(f"alit train: {e}", file=sys.stderr)
         return 3
+    except EXPECTED_FAILURES as e:  # problems with the run's inputs or state: a message, not a traceback
+        print(f"alit train: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
     print(f"[train] finished at step {result.step}; run directory: {result.run_dir}")
     if args.target == "prior":
         bpt = result.bits_per_token

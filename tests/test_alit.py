@@ -22,7 +22,7 @@ from tokenizer.alit import (
     lengths_to_mask,
     read_alit_config,
 )
-from tokenizer.core.checkpoint import CheckpointError
+from tokenizer.core.checkpoint import CheckpointError, write_manifest
 from tokenizer.vq import BaseVQ, base_vq_config
 
 _TSV = "official-alit-small-keys.tsv"
@@ -340,21 +340,28 @@ def test_load_mismatch_names_keys(tok: ALITTokenizer, tmp_path: Path) -> None:
     cfg = json.loads(good_cfg)
     cfg["alit"]["code_dim"] = 4
     (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"config\.json .*manifest"):  # an edited file is refused first
+        ALITTokenizer.from_pretrained(tmp_path)
+    write_manifest(tmp_path, ["model.safetensors", "config.json"])  # a consistent but mismatched directory
     with pytest.raises(CheckpointError, match=r"other shapes .*decoder.decoder_embed.weight"):
         ALITTokenizer.from_pretrained(tmp_path)
     (tmp_path / "config.json").write_text(good_cfg)
+    seal = lambda: write_manifest(tmp_path, ["model.safetensors", "config.json"])  # noqa: E731
 
     missing = {k: v for k, v in weights.items() if k != "encoder_mask_token"}
     save_file(missing, str(tmp_path / "model.safetensors"))
+    seal()
     with pytest.raises(CheckpointError, match=r"missing .*encoder_mask_token"):
         ALITTokenizer.from_pretrained(tmp_path)
     save_file({**weights, "extra.weight": torch.zeros(1)}, str(tmp_path / "model.safetensors"))
+    seal()
     with pytest.raises(CheckpointError, match=r"unexpected .*extra\.weight"):
         ALITTokenizer.from_pretrained(tmp_path)
 
     cfg = json.loads(good_cfg)
     cfg["format_version"] = 99
     (tmp_path / "config.json").write_text(json.dumps(cfg))
+    seal()
     with pytest.raises(CheckpointError, match="format version 99"):
         ALITTokenizer.from_pretrained(tmp_path)
     with pytest.raises(CheckpointError, match="not found"):

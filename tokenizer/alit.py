@@ -48,7 +48,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .core.attention import attention
-from .core.checkpoint import CheckpointError, atomic_write_text, load_module_state, load_tensors, save_tensors
+from .core.checkpoint import (
+    CheckpointError,
+    atomic_write_text,
+    load_module_state,
+    load_tensors,
+    save_tensors,
+    verify_checkpoint,
+    write_manifest,
+)
 from .core.config import from_dict, to_dict
 
 PAD_ID = -1  # pads variable-length id sequences (encode_adaptive)
@@ -716,7 +724,8 @@ class ALITTokenizer(nn.Module):
         tmp = path / f".{WEIGHTS_FILE}.tmp"  # write, then rename: a kill never leaves a half-written file
         save_tensors(tmp, self.alit.state_dict(), metadata={"format": FORMAT})
         tmp.replace(path / WEIGHTS_FILE)
-        atomic_write_text(path / CONFIG_FILE, json.dumps(self.config_dict(), indent=1))  # last
+        atomic_write_text(path / CONFIG_FILE, json.dumps(self.config_dict(), indent=1))
+        write_manifest(path, [WEIGHTS_FILE, CONFIG_FILE])  # sizes and sha256, checked at load; last
         return path
 
     @classmethod
@@ -728,6 +737,8 @@ class ALITTokenizer(nn.Module):
         loaded with ``tokenizer.vq.BaseVQ.from_pretrained``.
         """
         path = Path(path)
+        if (path / CONFIG_FILE).is_file():
+            verify_checkpoint(path)  # truncated or modified files are refused, naming the file
         alit = ALIT(read_alit_config(path))
         state = load_tensors(path / WEIGHTS_FILE, map_location)
         load_module_state(alit, state, str(path / WEIGHTS_FILE))

@@ -26,7 +26,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .alit import ALITTokenizer
-from .core.config import save_config
 from .core.data import DataConfig, ImageDataset, build_dataset, scan_source
 from .core.images import save_grid
 from .core.paths import runs_dir
@@ -287,9 +286,7 @@ def train_tokenizer(cfg: TokenizerRunConfig) -> TrainResult:
     print(f"[train {cfg.stage.value}] {train_set.summary()}", file=sys.stderr)
     torch.manual_seed(cfg.train.seed)  # model initialisation
     task = TASKS[cfg.stage](cfg, validation_batch(cfg, source))
-    trainer = Trainer(cfg.train, run_dir, task, train_set)
-    if trainer.dist.is_main:
-        save_config(cfg, run_dir)
+    trainer = Trainer(cfg.train, run_dir, task, train_set, run_config=cfg)
     last = trainer.fit()  # raises Preempted (after checkpointing) when stopped early
     if trainer.dist.is_main:
         model = type(task.model).from_pretrained(run_dir / "final")

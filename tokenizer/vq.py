@@ -36,6 +36,14 @@ from diffusers import VQModel
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from tokenizer.core.checkpoint import (
+    CheckpointError,
+    atomic_write_text,
+    load_module_state,
+    load_tensors,
+    verify_checkpoint,
+    write_manifest,
+)
 from tokenizer.core.config import from_dict, to_dict
 
 CONFIG_NAME = "base_vq_config.json"
@@ -280,11 +288,12 @@ class BaseVQ(nn.Module):
         directory.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
         # Write to temporary names, then rename: a kill mid-save never leaves a half-written file.
-        tmp_weights, tmp_config = directory / (WEIGHTS_NAME + ".tmp"), directory / (CONFIG_NAME + ".tmp")
+        tmp_weights = directory / (WEIGHTS_NAME + ".tmp")
         save_file(state, str(tmp_weights))
-        tmp_config.write_text(json.dumps({"model": "BaseVQ", "config": to_dict(self.config)}, indent=2))
         tmp_weights.replace(directory / WEIGHTS_NAME)
-        tmp_config.replace(directory / CONFIG_NAME)
+        atomic_write_text(directory / CONFIG_NAME, json.dumps({"model": "BaseVQ", "config": to_dict(self.config)},
+                                                              indent=2))
+        write_manifest(directory, [WEIGHTS_NAME, CONFIG_NAME])  # sizes and sha256, checked at load
         return directory
 
     @classmethod
@@ -296,9 +305,14 @@ class BaseVQ(nn.Module):
             hint = (" it looks like a diffusers VQModel directory: use BaseVQ.from_diffusers"
                     if (directory / DIFFUSERS_CONFIG_NAME).is_file() else "")
             raise FileNotFoundError(f"{cfg_path} not found; pass a directory written by BaseVQ.save_pretrained.{hint}")
-        meta = json.loads(cfg_path.read_text())
-        model = cls(from_dict(BaseVQConfig, meta["config"]))
-        model.load_state_dict(load_file(str(directory / WEIGHTS_NAME), device=str(map_location)))
+        verify_checkpoint(directory)  # truncated or modified files are refused, naming the file
+        try:
+            meta = json.loads(cfg_path.read_text())
+            config = from_dict(BaseVQConfig, meta["config"])
+        except (json.JSONDecodeError, KeyError, ValueError) as e:
+            raise CheckpointError(f"{cfg_path}: not a valid BaseVQ config ({e})") from None
+        model = cls(config)
+        load_module_state(model, load_tensors(directory / WEIGHTS_NAME, map_location), str(directory / WEIGHTS_NAME))
         return model
 
     @classmethod

@@ -173,9 +173,7 @@ def save_checkpoint(run_dir: str | Path, step: int, modules: dict[str, dict[str,
         for f in written:
             with open(f, "rb+") as fh:
                 os.fsync(fh.fileno())
-        manifest = {"format_version": FORMAT_VERSION, "step": step,
-                    "files": {f.name: {"size": f.stat().st_size, "sha256": sha256_file(f)} for f in written}}
-        atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=1))
+        write_manifest(tmp, [f.name for f in written], step=step)
         if final.exists():  # the same step saved again (e.g. after a resume): replace it
             old = root / f".{final.name}.old-{os.getpid()}"
             final.rename(old)
@@ -183,11 +181,11 @@ def save_checkpoint(run_dir: str | Path, step: int, modules: dict[str, dict[str,
         tmp.rename(final)
         _fsync_dir(root)
         atomic_write_text(root / LATEST, final.name + "\n")
-    except OSError as e:
+    except (OSError, SafetensorError) as e:  # safetensors reports a full disk as SafetensorError, not OSError
         shutil.rmtree(tmp, ignore_errors=True)
         prev = latest_checkpoint(run_dir)
         raise CheckpointError(
-            f"could not write checkpoint for step {step} in {root}: {e.strerror or e}. "
+            f"could not write checkpoint for step {step} in {root}: {getattr(e, 'strerror', None) or e}. "
             f"Previous checkpoint intact: {prev if prev else 'none'}. Free space or fix permissions, then resume."
         ) from e
     rotate_checkpoints(run_dir, keep_last)
@@ -215,8 +213,21 @@ def rotate_checkpoints(run_dir: str | Path, keep_last: int) -> None:
             shutil.rmtree(stale, ignore_errors=True)
 
 
-def verify_checkpoint(path: Path) -> dict[str, Any]:
+def write_manifest(directory: str | Path, names: Iterable[str], **extra: Any) -> None:
+    """Write ``manifest.json`` (format version, size and sha256 of each named file) into ``directory``.
+
+    Training checkpoints and exported models (``save_pretrained``) both carry one, so a truncated,
+    tampered or half-copied file is refused at load time by :func:`verify_checkpoint`.
+    """
+    directory = Path(directory)
+    files = {n: {"size": (directory / n).stat().st_size, "sha256": sha256_file(directory / n)} for n in names}
+    manifest = {"format_version": FORMAT_VERSION, **extra, "files": files}
+    atomic_write_text(directory / MANIFEST, json.dumps(manifest, indent=1))
+
+
+def verify_checkpoint(path: str | Path) -> dict[str, Any]:
     """Check format version, sizes and hashes against the manifest; returns the manifest."""
+    path = Path(path)
     try:
         manifest = json.loads((path / MANIFEST).read_text())
     except FileNotFoundError:
@@ -232,7 +243,7 @@ def verify_checkpoint(path: Path) -> dict[str, Any]:
         if not f.is_file():
             raise CheckpointError(f"{path}: file {name} listed in the manifest is missing")
         if f.stat().st_size != info["size"]:
-            raise CheckpointError(f"{f} is {f.stat().st_size} bytes, the manifest says {info['size']}: truncated")
+            raise CheckpointError(f"{f} is {f.stat().st_size} bytes, the manifest says {info['size']}: truncated or modified")
         if sha256_file(f) != info["sha256"]:
             raise CheckpointError(f"{f} does not match its sha256 in the manifest: modified or corrupt")
     return manifest

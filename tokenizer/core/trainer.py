@@ -44,7 +44,9 @@ from .checkpoint import (
     load_checkpoint,
     load_module_state,
     save_checkpoint,
+    verify_checkpoint,
 )
+from .config import save_config
 from .distributed import DistInfo, all_reduce_flag, all_reduce_grads, barrier, init_distributed
 
 
@@ -310,8 +312,9 @@ class Trainer:
     """Runs a :class:`Task` to ``cfg.max_steps`` in ``run_dir``, resuming from its last checkpoint."""
 
     def __init__(self, cfg: TrainConfig, run_dir: str | Path, task: Task, dataset: Dataset,
-                 dist_info: DistInfo | None = None, collate_fn: Any = None) -> None:
+                 dist_info: DistInfo | None = None, collate_fn: Any = None, run_config: Any = None) -> None:
         self.cfg, self.run_dir, self.task, self.dataset = cfg, Path(run_dir), task, dataset
+        self.run_config = run_config  # the whole run's config, written to run_dir/config.yaml under the lock
         self.dist = dist_info or init_distributed(cfg.device)
         self.device = self.dist.device
         self.collate_fn = collate_fn
@@ -392,6 +395,15 @@ class Trainer:
                 raise CheckpointError(f"no checkpoint in {self.run_dir / 'checkpoints'} passes verification; "
                                       "move the directory away to start over")
             return False
+        newest = latest_checkpoint(self.run_dir)
+        if newest != path and self.dist.is_main:  # say which checkpoint was refused and why, never silently
+            try:
+                verify_checkpoint(newest)
+                reason = "not the newest complete checkpoint"
+            except CheckpointError as e:
+                reason = str(e)
+            print(f"[train] warning: refusing checkpoint {newest}: {reason}; falling back to {path}",
+                  file=sys.stderr)
         modules, optimizers, state = load_checkpoint(path, self.device)
         for k, m in self.modules.items():
             load_module_state(m, modules[k], f"{path}/{k}.safetensors")
@@ -455,6 +467,8 @@ class Trainer:
 
     def _fit(self) -> dict[str, float]:
         cfg = self.cfg
+        if self.run_config is not None and self.dist.is_main:
+            save_config(self.run_config, self.run_dir)  # only once the run directory is ours
         self.resume()
         old_handlers = {}
         for sig in (signal.SIGTERM, signal.SIGUSR2):
