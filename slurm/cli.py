@@ -33,6 +33,14 @@ COMMANDS: tuple[Command, ...] = (
             "alit train tokenizer --config configs/tokenizer/vq_emoji_cpu.yaml train.max_steps=50"),
     Command("tokenize", "slurm.tokenize_cmd", "encode a dataset at every budget into a token cache for priors",
             "alit tokenize --tokenizer runs/emoji_finetune/final --out runs/emoji_tokens --adaptive-threshold 0.07"),
+    Command("sample", "slurm.sample_cmd", "images from a prior + tokenizer at token budgets (shardable)",
+            "alit sample --tokenizer runs/emoji_finetune/final --prior runs/prior/final --budgets 16 --num-images 16 "
+            "--out runs/samples"),
+    Command("reconstruct", "slurm.reconstruct_cmd", "reconstructions of a dataset split at each budget (shardable)",
+            "alit reconstruct --tokenizer runs/emoji_finetune/final --num-images 16 --out runs/recon"),
+    Command("eval", "slurm.eval_cmd", "rFID/gFID, L1, LPIPS per token count and adaptively, into a report folder",
+            "alit eval --tokenizer runs/emoji_finetune/final --prior runs/prior/final --num-images 64 "
+            "--out runs/eval/emoji"),
 )
 
 

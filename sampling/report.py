@@ -1,0 +1,745 @@
+"""The per-token-count evaluation of a tokenizer (and optionally a prior), written to a report folder.
+
+What is measured, per budget ``b`` of the tokenizer (and for token-count selection, "adaptive"):
+
+- **rFID**: reconstructions of the evaluated images of a split vs that split's reference statistics
+  (:func:`sampling.fid.reference_stats` of the same images: all of the split, or its seeded
+  class-stratified subset of ``num_images``), under one :class:`~sampling.fid.FIDProtocol`.
+- **L1** (mean absolute error in [0, 1] pixel units) and **LPIPS** (VGG16 v0.1,
+  :class:`tokenizer.core.lpips.LPIPS`) of the same reconstructions against the originals.
+- **gFID** (with a prior): ``n`` samples (classes round-robin ``i % C``, CFG scale, temperature, steps,
+  seed) vs the same reference statistics. Adaptive gFID draws budgets from the prior's token cache
+  (TSC lengths of its training split); without one it is ``null`` with a note.
+- **adaptive**: every image at the first budget whose L1 is below ``adaptive_threshold``
+  (:meth:`ALITTokenizer.encode_adaptive`): mean tokens, histogram of chosen budgets, L1, LPIPS, rFID.
+
+Work is split into **pieces** (:class:`Piece`: reconstruction or generation x budget x shard ``i/n``),
+each a pure function of its inputs that streams images chunk by chunk into float64
+:class:`~sampling.fid.FeatureStats` plus metric sums (:class:`PieceResult`); no piece holds all its
+images or features. Each piece is cached under ``cache_dir("features")/eval`` keyed by the checkpoint
+identities, kind, budget, protocol id, number of images, shard, chunk size and (generation) seed and
+sampler settings, so a re-run (or a merge job) reuses it and says so on stderr. A Slurm engineer can run
+pieces as separate jobs (``Evaluation.evaluate_piece``, or ``alit eval --shard i/n``) and then
+``Evaluation.merge_and_report`` (the job that completes the set writes the report)::
+
+    ev = Evaluation.load("runs/tok/final", "runs/prior/final", DataConfig(), EvalSettings(num_images=10_000))
+    results = [ev.evaluate_piece(p) for p in ev.plan(shards=8) if p.shard.index == job_index]   # per job
+    report = ev.merge_and_report([ev.load_piece(p) for p in ev.plan(shards=8)], "reports/tok")   # at the end
+
+Files of a report folder: ``report.json`` (schema below, checked by :func:`validate_report`),
+``report.md`` (tables), ``fid_vs_tokens.png``, ``reconstructions.png`` (rows = images, columns =
+original, each budget, adaptive), ``samples_<budget>.png`` per budget (with a prior; ``<budget>`` is
+``budget032`` or ``adaptive``), ``adaptive_histogram.png`` (when adaptive is evaluated).
+
+``report.json`` schema (version 1; ``num`` = int or float, ``?`` = may be null)::
+
+    format            "alit-eval-report"
+    format_version    1
+    created           str, ISO 8601 UTC time
+    git_commit        str
+    versions          {str: str}: python, torch, torch-fidelity, clean-fid, numpy, scipy, alit-stack
+    tokenizer         {"id": sha256 hex (64), "path": str, "tag": "<name>-<hash8>"}
+    prior             ? {"id", "path", "tag", "kind": "maskgit"|"ar", "tokenizer_id": str}
+    protocol          {"name": "torch_fidelity"|"clean_fid", "id": FIDProtocol.protocol_id()}
+    data              {"config": DataConfig dict, "split": str, "split_size": int, "n_images": int,
+                       "reference": str (reference statistics file name)}
+    settings          {"budgets": [int], "num_images": int?, "seed": int, "cfg_scale": num,
+                       "temperature": num, "steps": int, "chunk_size": int, "adaptive_threshold": num?,
+                       "shards": int}
+    budgets           [ one per budget, increasing:
+                        {"budget": int, "n_images": int, "rfid": num, "l1": num, "lpips": num,
+                         "gfid": num? (null without a prior), "n_samples": int?, "protocol_id": str,
+                         "seed": int, "tokenizer_id": str, "prior_id": str?} ]
+    adaptive          ? {"threshold": num, "n_images": int, "mean_tokens": num,
+                         "histogram": {"<budget>": int, ...} (every budget, counts sum to n_images),
+                         "l1": num, "lpips": num, "rfid": num, "gfid": num?, "n_samples": int?,
+                         "gfid_note": str?, "protocol_id": str, "seed": int, "tokenizer_id": str,
+                         "prior_id": str?}
+    files             [str]: the files written into the report folder
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import importlib.metadata
+import json
+import math
+import platform
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tokenizer.core.checkpoint import atomic_write_text
+from tokenizer.core.config import git_commit, to_dict
+from tokenizer.core.data import DataConfig, build_dataset
+from tokenizer.core.images import from_uint8, grid_array, save_grid
+from tokenizer.core.paths import cache_dir
+
+from .fid import (
+    FeatureExtractor,
+    FeatureStats,
+    FIDProtocol,
+    fid_from_stats,
+    reference_cache_path,
+    reference_stats,
+)
+from .generate import (
+    ADAPTIVE,
+    DEFAULT_CHUNK_SIZE,
+    WHOLE,
+    Budget,
+    ImageChunk,
+    Models,
+    SampleSettings,
+    Shard,
+    budget_label,
+    budget_probs_from_cache,
+    eval_positions,
+    find_token_cache,
+    iter_recon_chunks,
+    iter_sample_chunks,
+    load_models,
+    save_npz,
+)
+
+REPORT_FORMAT = "alit-eval-report"
+REPORT_VERSION = 1
+PIECE_FORMAT = "alit-eval-piece/1"  # part of every piece's cache key; bump when a piece's computation changes
+LPIPS_ID = "lpips-vgg16-v0.1"
+RECON, GEN = "recon", "gen"
+VERSIONED = ("torch", "torch-fidelity", "clean-fid", "numpy", "scipy", "alit-stack")
+
+
+class ReportError(ValueError):
+    """A report dict does not follow the documented schema; the message lists every problem."""
+
+
+# ============================================================================ settings and pieces
+@dataclass(frozen=True)
+class EvalSettings:
+    """What an evaluation measures and how (the data config is separate)."""
+
+    budgets: tuple[int, ...] = ()  # token budgets to evaluate; () = all of the tokenizer's
+    num_images: int | None = None  # evaluated images of the split (seeded stratified subset) = samples per budget
+    split: str = "val"  # dataset split: reconstructed, and the reference of rFID and gFID
+    protocol: str = FIDProtocol.torch_fidelity.value  # FID protocol: torch_fidelity | clean_fid
+    cfg_scale: float = 0.0  # gFID guidance scale (cond + s (cond - uncond))
+    temperature: float = 1.0  # gFID sampling temperature
+    steps: int = 8  # gFID MaskGIT decoding steps
+    seed: int = 0  # gFID sampling seed
+    adaptive_threshold: float | None = 0.07  # TSC L1 threshold ([0, 1] units); None = no adaptive entry
+    chunk_size: int = DEFAULT_CHUNK_SIZE  # images per model batch and per sampling chunk (part of the identity)
+    preview: int = 8  # images per row of reconstructions.png and per row of the sample grids
+    feature_batch_size: int = 64  # Inception batch size
+
+    def __post_init__(self) -> None:
+        if self.num_images is not None and self.num_images < 2:
+            raise ValueError(f"num_images must be >= 2 (FID needs a covariance), got {self.num_images}")
+        FIDProtocol(self.protocol)  # a clear error for an unknown protocol
+        if self.adaptive_threshold is not None and not self.adaptive_threshold >= 0:
+            raise ValueError(f"adaptive_threshold is an L1 error in [0, 1] (e.g. 0.07), got {self.adaptive_threshold}")
+        if self.chunk_size < 1 or self.preview < 1 or self.steps < 1 or self.feature_batch_size < 1:
+            raise ValueError("chunk_size, preview, steps and feature_batch_size must be >= 1")
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One unit of work: reconstructions or samples at one budget, one shard."""
+
+    kind: str  # RECON or GEN
+    budget: Budget  # a token budget or ADAPTIVE
+    shard: Shard = WHOLE
+
+    def __str__(self) -> str:
+        return f"{self.kind} {budget_label(self.budget)} [{self.shard}]"
+
+
+@dataclass
+class PieceResult:
+    """Feature statistics and metric sums of a piece (or of merged pieces)."""
+
+    piece: Piece
+    stats: FeatureStats  # Inception pool3 statistics of the piece's images
+    n: int  # images
+    l1_sum: float = 0.0  # sum of per-image L1 (reconstructions)
+    lpips_sum: float = 0.0  # sum of per-image LPIPS (reconstructions)
+    tokens_sum: int = 0  # sum of per-image token counts
+    histogram: dict[int, int] = field(default_factory=dict)  # budget -> images
+    preview: dict[int, np.ndarray] = field(default_factory=dict)  # global index -> (H, W, 3) uint8, first images
+    reused: bool = False  # loaded from the cache
+
+    def sums(self) -> dict[str, Any]:
+        return {"n": self.n, "l1_sum": self.l1_sum, "lpips_sum": self.lpips_sum, "tokens_sum": self.tokens_sum,
+                "histogram": {str(k): v for k, v in sorted(self.histogram.items())}}
+
+    def merge(self, other: PieceResult) -> PieceResult:
+        """Both pieces together (statistics and sums add)."""
+        hist = dict(self.histogram)
+        for k, v in other.histogram.items():
+            hist[k] = hist.get(k, 0) + v
+        return PieceResult(Piece(self.piece.kind, self.piece.budget, WHOLE), self.stats.merge(other.stats),
+                           self.n + other.n, self.l1_sum + other.l1_sum, self.lpips_sum + other.lpips_sum,
+                           self.tokens_sum + other.tokens_sum, hist, {**self.preview, **other.preview},
+                           self.reused and other.reused)
+
+    def preview_images(self, count: int) -> np.ndarray:
+        """The first ``count`` images (global indices 0..count-1) kept for figures: (count, H, W, 3) uint8."""
+        missing = [i for i in range(count) if i not in self.preview]
+        if missing:
+            raise ValueError(f"{self.piece}: preview images {missing} were not kept (merge every shard first)")
+        return np.stack([self.preview[i] for i in range(count)])
+
+
+def merge_results(results: Iterable[PieceResult | None]) -> dict[tuple[str, Budget], PieceResult]:
+    """Merge shards per (kind, budget); every shard 0..n-1 of a group must be present exactly once."""
+    groups: dict[tuple[str, Budget], list[PieceResult]] = {}
+    for r in results:
+        if r is None:
+            raise ValueError("a piece is missing (not computed yet): run its shard first, or evaluate it here")
+        groups.setdefault((r.piece.kind, r.piece.budget), []).append(r)
+    merged = {}
+    for key, parts in groups.items():
+        counts = {p.piece.shard.count for p in parts}
+        indices = sorted(p.piece.shard.index for p in parts)
+        if len(counts) != 1 or indices != list(range(counts.pop())):
+            raise ValueError(f"{key[0]} {budget_label(key[1])}: shards {[str(p.piece.shard) for p in parts]} do "
+                             "not form one complete set i/n, i = 0..n-1")
+        total = parts[0]
+        for p in parts[1:]:
+            total = total.merge(p)
+        merged[key] = total
+    return merged
+
+
+# ============================================================================ the evaluation
+class Evaluation:
+    """One evaluation request bound to loaded models and a dataset split: pieces, merging, the report."""
+
+    def __init__(self, models: Models, data: DataConfig, settings: EvalSettings, *,
+                 device: str | torch.device | None = None, progress: bool = True,
+                 tokens: str | Path | None = None) -> None:
+        tok = models.tokenizer
+        if data.resolution != tok.image_size:
+            raise ValueError(f"data.resolution={data.resolution} but the tokenizer takes {tok.image_size}px images: "
+                             f"pass data.resolution={tok.image_size}")
+        bad = [b for b in settings.budgets if b not in tok.budgets]
+        if bad:
+            raise ValueError(f"budgets {bad} are not budgets of the tokenizer ({list(tok.budgets)})")
+        self.models, self.data, self.settings, self.progress = models, data, settings, progress
+        self.budgets = sorted(settings.budgets or tok.budgets)
+        self.protocol = FIDProtocol(settings.protocol)
+        self.dataset = build_dataset(data, settings.split)  # type: ignore[arg-type]
+        self.positions = eval_positions(self.dataset, settings.num_images, data.split_seed)
+        if len(self.positions) < 2:
+            raise ValueError(f"the {settings.split} split has {len(self.positions)} image(s); FID needs >= 2")
+        self.extractor = FeatureExtractor(self.protocol, device if device is not None else models.device,
+                                          batch_size=settings.feature_batch_size, progress=False)
+        self._lpips: torch.nn.Module | None = None
+        # the reference statistics' file name: a digest of the data's content, split, subset and protocol
+        # (computed once: for an image folder it lists every file)
+        self.reference_name = reference_cache_path(data, settings.split, self.protocol, self._reference_max_images(),
+                                                   weights=self.extractor.weights_path).name
+        self.budget_probs: torch.Tensor | None = None
+        self.budget_probs_note: str | None = None
+        if models.prior is not None and settings.adaptive_threshold is not None:
+            self._find_budget_probs(tokens)
+
+    @classmethod
+    def load(cls, tokenizer_dir: str | Path, prior_dir: str | Path | None, data: DataConfig,
+             settings: EvalSettings, *, device: str | torch.device = "cpu", progress: bool = True,
+             tokens: str | Path | None = None) -> Evaluation:
+        """Load the models (a mismatched prior is refused) and bind them to ``data`` and ``settings``."""
+        return cls(load_models(tokenizer_dir, prior_dir, device), data, settings, device=device,
+                   progress=progress, tokens=tokens)
+
+    def _find_budget_probs(self, tokens: str | Path | None) -> None:
+        prior = self.models.require_prior()
+        cache = Path(tokens) if tokens is not None else find_token_cache(self.models.prior_dir or ".")
+        if cache is None:
+            self.budget_probs_note = ("no token cache found for the prior (pass --tokens): adaptive gFID needs the "
+                                      "training split's adaptive budget distribution")
+            return
+        try:
+            self.budget_probs = budget_probs_from_cache(cache, prior.space, "train", self.models.tokenizer_identity)
+        except ValueError as e:
+            self.budget_probs_note = f"adaptive gFID skipped: {e}"
+
+    # ------------------------------------------------------------------ plan
+    @property
+    def num_images(self) -> int:
+        """Images evaluated (and samples per budget)."""
+        return len(self.positions)
+
+    def plan(self, shards: int = 1) -> list[Piece]:
+        """Every piece of this evaluation with each (kind, budget) split into ``shards`` shards."""
+        budgets: list[Budget] = list(self.budgets)
+        recon = [*budgets, ADAPTIVE] if self.settings.adaptive_threshold is not None else budgets
+        gen: list[Budget] = []
+        if self.models.prior is not None:
+            gen = [*budgets, ADAPTIVE] if self.budget_probs is not None else budgets
+        return [Piece(kind, b, Shard(i, shards)) for kind, bs in ((RECON, recon), (GEN, gen)) for b in bs
+                for i in range(shards)]
+
+    def sample_settings(self, budget: Budget) -> SampleSettings:
+        """The sampling request behind the gFID of ``budget``."""
+        s = self.settings
+        return SampleSettings(budget=budget, num_images=self.num_images, cfg_scale=s.cfg_scale,
+                              temperature=s.temperature, steps=s.steps, seed=s.seed, classes="all",
+                              chunk_size=s.chunk_size)
+
+    # ------------------------------------------------------------------ cache
+    def _reference_max_images(self) -> int | None:
+        return None if self.num_images >= len(self.dataset) else self.num_images
+
+    def piece_key(self, piece: Piece) -> dict[str, Any]:
+        """Everything a piece's result depends on (its cache key)."""
+        s, m = self.settings, self.models
+        key: dict[str, Any] = {"format": PIECE_FORMAT, "kind": piece.kind, "budget": piece.budget,
+                               "shard": [piece.shard.index, piece.shard.count], "chunk_size": s.chunk_size,
+                               "num_images": self.num_images, "protocol_id": self.extractor.protocol_id,
+                               "tokenizer": m.tokenizer_identity["id"]}
+        if piece.kind == RECON:
+            key["data"] = self.reference_name
+            key["lpips"] = LPIPS_ID
+            if piece.budget == ADAPTIVE:
+                key["threshold"] = s.adaptive_threshold
+        else:
+            sample = self.sample_settings(piece.budget).to_dict()
+            key.update(prior=(m.prior_identity or {}).get("id"), sample=sample)
+            if piece.budget == ADAPTIVE and self.budget_probs is not None:
+                probs = np.asarray(self.budget_probs, dtype=np.float64).tobytes()
+                key["budget_probs"] = hashlib.sha256(probs).hexdigest()[:16]
+        return key
+
+    def cache_path(self, piece: Piece) -> Path:
+        """Where ``piece``'s statistics and sums are cached."""
+        digest = hashlib.sha256(json.dumps(self.piece_key(piece), sort_keys=True).encode()).hexdigest()[:20]
+        tag = self.models.prior_tag if piece.kind == GEN else self.models.tokenizer_tag
+        name = f"{piece.kind}-{budget_label(piece.budget)}{piece.shard.suffix}-{tag}-{digest}.stats.safetensors"
+        return cache_dir("features") / "eval" / name
+
+    def preview_count(self, kind: str) -> int:
+        """Images a piece keeps for the figures (its global indices below this count)."""
+        return min(self.settings.preview * (1 if kind == RECON else 2), self.num_images)
+
+    def load_piece(self, piece: Piece) -> PieceResult | None:
+        """A cached piece, or None (never computes)."""
+        path = self.cache_path(piece)
+        preview_path = _preview_path(path)
+        if not path.is_file() or not preview_path.is_file():
+            return None
+        try:
+            meta = FeatureStats.read_metadata(path)
+            if json.loads(meta.get("key", "null")) != json.loads(json.dumps(self.piece_key(piece))):
+                return None
+            sums = json.loads(meta["sums"])
+            stats = FeatureStats.load(path)
+            with np.load(preview_path, allow_pickle=False) as data:
+                preview = {int(i): image for i, image in zip(data["indices"], data["images"])}
+        except (ValueError, OSError, KeyError):  # damaged or foreign: recompute and replace
+            return None
+        hist = {int(k): int(v) for k, v in sums["histogram"].items()}
+        return PieceResult(piece, stats, int(sums["n"]), float(sums["l1_sum"]), float(sums["lpips_sum"]),
+                           int(sums["tokens_sum"]), hist, preview, reused=True)
+
+    # ------------------------------------------------------------------ compute
+    @property
+    def lpips(self) -> torch.nn.Module:
+        """LPIPS-VGG16 on the models' device (loaded on first use: a fully cached run never loads it)."""
+        if self._lpips is None:
+            from tokenizer.core.lpips import LPIPS
+
+            self._lpips = LPIPS().to(self.models.device)
+        return self._lpips
+
+    def _chunks(self, piece: Piece) -> Iterable[ImageChunk]:
+        desc = str(piece)
+        if piece.kind == RECON:
+            return iter_recon_chunks(self.models.tokenizer, self.dataset, self.positions, piece.budget,
+                                     self.settings.adaptive_threshold, self.settings.chunk_size, piece.shard,
+                                     self.progress, desc)
+        return iter_sample_chunks(self.models, self.sample_settings(piece.budget), piece.shard,
+                                  self.budget_probs if piece.budget == ADAPTIVE else None, self.progress, desc)
+
+    @torch.no_grad()
+    def evaluate_piece(self, piece: Piece) -> PieceResult:
+        """Compute one piece (or reuse its cache), streaming chunk by chunk into float64 statistics."""
+        cached = self.load_piece(piece)
+        if cached is not None:
+            print(f"[eval] reused cached features for {piece} ({self.cache_path(piece).name})", file=sys.stderr)
+            return cached
+        if piece.kind == GEN and self.models.prior is None:
+            raise ValueError(f"{piece} needs a prior (--prior)")
+        result = PieceResult(piece, FeatureStats(protocol=self.extractor.protocol_id), 0)
+        keep = self.preview_count(piece.kind)
+        for chunk in self._chunks(piece):
+            result.preview.update((int(i), im) for i, im in zip(chunk.indices, chunk.images) if i < keep)
+            self.extractor.accumulate(chunk.images, result.stats)
+            result.n += len(chunk.indices)
+            result.tokens_sum += int(chunk.budgets.sum())
+            for b in chunk.budgets.tolist():
+                result.histogram[b] = result.histogram.get(b, 0) + 1
+            if piece.kind == RECON:
+                result.l1_sum += float(chunk.extra["l1"].astype(np.float64).sum())
+                result.lpips_sum += float(self.lpips(chunk.pixels, chunk.targets).double().sum())
+        if result.n == 0:
+            raise ValueError(f"{piece} owns no images: use fewer shards than chunks "
+                             f"({math.ceil(self.num_images / self.settings.chunk_size)})")
+        path = self.cache_path(piece)
+        indices = sorted(result.preview)
+        images = np.stack([result.preview[i] for i in indices]) if indices else np.zeros((0, 1, 1, 3), np.uint8)
+        save_npz(_preview_path(path), {"indices": np.asarray(indices, dtype=np.int64), "images": images})
+        # the statistics file is written last: its presence marks a complete piece
+        result.stats.save(path, metadata={"key": json.dumps(self.piece_key(piece), sort_keys=True),
+                                          "sums": json.dumps(result.sums())})
+        return result
+
+    def reference(self) -> FeatureStats:
+        """The split's reference statistics (cached by :func:`sampling.fid.reference_stats`)."""
+        return reference_stats(self.data, self.settings.split, self.protocol, self._reference_max_images(),
+                               extractor=self.extractor, progress=self.progress)
+
+    def run(self, out_dir: str | Path, shard: Shard = WHOLE) -> dict[str, Any] | None:
+        """Evaluate ``shard``'s pieces; when every shard's pieces are done, write the report and return it."""
+        for piece in self.plan(shard.count):
+            if piece.shard == shard:
+                self.evaluate_piece(piece)
+        results = [self.load_piece(p) for p in self.plan(shard.count)]
+        if any(r is None for r in results):
+            missing = sum(r is None for r in results)
+            print(f"[eval] shard {shard} done; {missing} pieces of other shards are still missing, so the report "
+                  "is written by the run that completes the set", file=sys.stderr)
+            return None
+        return self.merge_and_report(results, out_dir)
+
+    # ------------------------------------------------------------------ report
+    def merge_and_report(self, results: Sequence[PieceResult | None], out_dir: str | Path) -> dict[str, Any]:
+        """Merge piece results, compute FIDs against the reference, write every report file."""
+        merged = merge_results(results)
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        ref = self.reference()
+        shards = max((r.piece.shard.count for r in results if r is not None), default=1)
+        report = self._report_dict(merged, ref, shards)
+        files = ["report.json", "report.md", "fid_vs_tokens.png", "reconstructions.png"]
+        plot_fid_vs_tokens(report, out / "fid_vs_tokens.png")
+        self._reconstructions_figure(merged, out / "reconstructions.png")
+        for key in [*self.budgets, ADAPTIVE]:
+            if (GEN, key) in merged:
+                name = f"samples_{budget_label(key)}.png"
+                tiles = merged[(GEN, key)].preview_images(self.preview_count(GEN))
+                save_tiles(tiles, self.settings.preview, out / name)
+                files.append(name)
+        if report["adaptive"] is not None:
+            plot_histogram(report["adaptive"], out / "adaptive_histogram.png")
+            files.append("adaptive_histogram.png")
+        report["files"] = files
+        validate_report(report)
+        atomic_write_text(out / "report.json", json.dumps(report, indent=1, allow_nan=False))
+        atomic_write_text(out / "report.md", render_markdown(report))
+        print(f"[eval] report: {out / 'report.md'}", file=sys.stderr)
+        return report
+
+    def _report_dict(self, merged: dict[tuple[str, Budget], PieceResult], ref: FeatureStats,
+                     shards: int) -> dict[str, Any]:
+        m, s = self.models, self.settings
+        prior_id = m.prior_identity["id"] if m.prior_identity is not None else None
+        common = {"protocol_id": self.extractor.protocol_id, "seed": s.seed,
+                  "tokenizer_id": m.tokenizer_identity["id"], "prior_id": prior_id}
+
+        def gen_fields(budget: Budget) -> dict[str, Any]:
+            gen = merged.get((GEN, budget))
+            return {"gfid": fid_from_stats(gen.stats, ref) if gen else None, "n_samples": gen.n if gen else None}
+
+        entries = []
+        for b in self.budgets:
+            r = merged[(RECON, b)]
+            entries.append({"budget": b, "n_images": r.n, "rfid": fid_from_stats(r.stats, ref),
+                            "l1": r.l1_sum / r.n, "lpips": r.lpips_sum / r.n, **gen_fields(b), **common})
+        adaptive = None
+        if (RECON, ADAPTIVE) in merged:
+            r = merged[(RECON, ADAPTIVE)]
+            note = None
+            if m.prior is not None and (GEN, ADAPTIVE) not in merged:
+                note = self.budget_probs_note
+            adaptive = {"threshold": s.adaptive_threshold, "n_images": r.n, "mean_tokens": r.tokens_sum / r.n,
+                        "histogram": {str(b): r.histogram.get(b, 0) for b in m.tokenizer.budgets},
+                        "l1": r.l1_sum / r.n, "lpips": r.lpips_sum / r.n, "rfid": fid_from_stats(r.stats, ref),
+                        **gen_fields(ADAPTIVE), "gfid_note": note, **common}
+        prior = None
+        if m.prior is not None and m.prior_identity is not None:
+            prior = {"id": prior_id, "path": str(m.prior_dir), "tag": m.prior_tag, "kind": m.prior.kind,
+                     "tokenizer_id": m.tokenizer_identity["id"]}
+        return {
+            "format": REPORT_FORMAT, "format_version": REPORT_VERSION,
+            "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "git_commit": git_commit(), "versions": library_versions(),
+            "tokenizer": {"id": m.tokenizer_identity["id"], "path": str(m.tokenizer_dir), "tag": m.tokenizer_tag},
+            "prior": prior,
+            "protocol": {"name": self.protocol.value, "id": self.extractor.protocol_id},
+            "data": {"config": to_dict(self.data), "split": s.split, "split_size": len(self.dataset),
+                     "n_images": self.num_images,
+                     "reference": self.reference_name},
+            "settings": {**{k: v for k, v in asdict(s).items() if k in SETTINGS_KEYS}, "budgets": self.budgets,
+                         "shards": shards},
+            "budgets": entries, "adaptive": adaptive, "files": [],
+        }
+
+    def _reconstructions_figure(self, merged: dict[tuple[str, Budget], PieceResult], path: Path) -> None:
+        k = self.preview_count(RECON)
+        originals = np.concatenate([self.dataset.uint8_images(int(p), int(p) + 1) for p in self.positions[:k]])
+        columns: list[tuple[str, np.ndarray]] = [("original", originals)]
+        for b in [*self.budgets, ADAPTIVE]:
+            if (RECON, b) in merged:
+                label = f"TSC t={self.settings.adaptive_threshold:g}" if b == ADAPTIVE else f"{b} tokens"
+                columns.append((label, merged[(RECON, b)].preview_images(k)))
+        plot_image_table(columns, path)
+
+
+SETTINGS_KEYS = ("num_images", "seed", "cfg_scale", "temperature", "steps", "chunk_size", "adaptive_threshold")
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of Python and the libraries behind the numbers."""
+    out = {"python": platform.python_version()}
+    for dist in VERSIONED:
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            out[dist] = "unknown"
+    return out
+
+
+# ============================================================================ figures and tables
+def _preview_path(stats_path: Path) -> Path:
+    return stats_path.with_name(stats_path.name.replace(".stats.safetensors", ".preview.npz"))
+
+
+def save_tiles(tiles: np.ndarray, cols: int, path: str | Path) -> Path:
+    """``(k, H, W, 3)`` uint8 images as a PNG grid with ``cols`` columns (white padding)."""
+    k = len(tiles)
+    cols = min(cols, k)
+    rows = math.ceil(k / cols)
+    pad = np.full((rows * cols - k, *tiles.shape[1:]), 255, dtype=np.uint8)
+    grid = from_uint8(np.concatenate([tiles, pad])).reshape(rows, cols, 3, *tiles.shape[1:3])
+    return save_grid(grid, path)
+
+
+def _figure(width: float, height: float) -> Any:
+    from matplotlib.figure import Figure  # object API: no pyplot, no global backend switch
+
+    return Figure(figsize=(width, height), layout="constrained")
+
+
+def plot_fid_vs_tokens(report: dict[str, Any], path: str | Path) -> Path:
+    """rFID and gFID against the token count (adaptive as single markers at its mean token count)."""
+    fig = _figure(6, 4)
+    ax = fig.add_subplot()
+    entries = report["budgets"]
+    x = [e["budget"] for e in entries]
+    ax.plot(x, [e["rfid"] for e in entries], "o-", label="rFID (reconstructions)")
+    if any(e["gfid"] is not None for e in entries):
+        ax.plot(x, [e["gfid"] if e["gfid"] is not None else math.nan for e in entries], "s-",
+                label="gFID (samples)")
+    a = report["adaptive"]
+    if a is not None:
+        ax.plot([a["mean_tokens"]], [a["rfid"]], "*", markersize=12, label=f"rFID, TSC t={a['threshold']:g}")
+        if a["gfid"] is not None:
+            ax.plot([a["mean_tokens"]], [a["gfid"]], "P", markersize=10, label="gFID, adaptive budgets")
+    ax.set_xlabel("tokens per image")
+    ax.set_ylabel(f"FID (N={report['data']['n_images']}, {report['protocol']['name']})")
+    ax.set_xticks(x)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.savefig(path, dpi=120)
+    return Path(path)
+
+
+def plot_histogram(adaptive: dict[str, Any], path: str | Path) -> Path:
+    """Bar chart of the budgets token-count selection chose."""
+    fig = _figure(6, 3.5)
+    ax = fig.add_subplot()
+    budgets = list(adaptive["histogram"])
+    ax.bar(range(len(budgets)), [adaptive["histogram"][b] for b in budgets])
+    ax.set_xticks(range(len(budgets)), budgets)
+    ax.set_xlabel("tokens chosen")
+    ax.set_ylabel("images")
+    ax.set_title(f"TSC at L1 < {adaptive['threshold']:g}: mean {adaptive['mean_tokens']:.1f} tokens "
+                 f"(N={adaptive['n_images']})")
+    fig.savefig(path, dpi=120)
+    return Path(path)
+
+
+def plot_image_table(columns: Sequence[tuple[str, np.ndarray]], path: str | Path, pad: int = 2) -> Path:
+    """A labelled grid: one column per ``(label, (k, H, W, 3) uint8)``, rows = images."""
+    stack = torch.stack([from_uint8(images) for _, images in columns], 1)  # (k, cols, 3, H, W)
+    grid = grid_array(stack, pad)  # (rows*(H+pad)+pad, cols*(W+pad)+pad, 3)
+    w = stack.shape[-1]
+    fig = _figure(max(4.0, 1.1 * len(columns)), max(2.0, 1.1 * stack.shape[0]) + 0.4)
+    ax = fig.add_subplot()
+    ax.imshow(grid, interpolation="nearest")
+    ax.set_xticks([pad + c * (w + pad) + w / 2 for c in range(len(columns))], [c[0] for c in columns],
+                  fontsize=8)
+    ax.xaxis.tick_top()
+    ax.set_yticks([])
+    for side in ax.spines.values():
+        side.set_visible(False)
+    fig.savefig(path, dpi=120)
+    return Path(path)
+
+
+def _num(x: float | None, digits: int = 2) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """``report.md``: the numbers as tables, the figures, and where they come from."""
+    s, d, a = report["settings"], report["data"], report["adaptive"]
+    prior = report["prior"]
+    lines = [f"# Evaluation of {report['tokenizer']['tag']}" + (f" with prior {prior['tag']}" if prior else ""),
+             "",
+             f"Split `{d['split']}` of `{d['config']['source']}` ({d['config']['resolution']} px), "
+             f"N = {d['n_images']} of {d['split_size']} images; FID protocol `{report['protocol']['name']}`"
+             + (f"; samples: seed {s['seed']}, CFG {s['cfg_scale']:g}, temperature {s['temperature']:g}, "
+                f"{s['steps']} steps, classes round-robin" if prior else "") + ".",
+             "FID from few images is biased upwards: compare numbers only at equal N and protocol.",
+             "",
+             "| tokens | rFID | gFID | L1 | LPIPS | images |",
+             "|---:|---:|---:|---:|---:|---:|"]
+    for e in report["budgets"]:
+        lines.append(f"| {e['budget']} | {_num(e['rfid'])} | {_num(e['gfid'])} | {e['l1']:.4f} | "
+                     f"{e['lpips']:.4f} | {e['n_images']} |")
+    if a is not None:
+        lines.append(f"| adaptive (mean {a['mean_tokens']:.1f}) | {_num(a['rfid'])} | {_num(a['gfid'])} | "
+                     f"{a['l1']:.4f} | {a['lpips']:.4f} | {a['n_images']} |")
+        lines += ["", f"## Token-count selection at L1 < {a['threshold']:g}", "",
+                  f"Mean tokens {a['mean_tokens']:.2f}; L1 {a['l1']:.4f}; LPIPS {a['lpips']:.4f}.", "",
+                  "| tokens | images | share |", "|---:|---:|---:|"]
+        for b, count in a["histogram"].items():
+            lines.append(f"| {b} | {count} | {count / a['n_images']:.1%} |")
+        if a.get("gfid_note"):
+            lines += ["", f"Note: {a['gfid_note']}"]
+    lines += ["", "## Figures", "", "![FID against tokens](fid_vs_tokens.png)", "",
+              "Reconstructions (columns: original, each budget, TSC):", "", "![reconstructions](reconstructions.png)"]
+    for name in report["files"]:
+        if name.startswith("samples_"):
+            lines += ["", f"Samples, {name[len('samples_'):-4]}:", "", f"![{name}]({name})"]
+    if a is not None:
+        lines += ["", "![adaptive histogram](adaptive_histogram.png)"]
+    lines += ["", "## Provenance", "",
+              f"- tokenizer: `{report['tokenizer']['path']}` sha256 `{report['tokenizer']['id']}`"]
+    if prior:
+        lines.append(f"- prior ({prior['kind']}): `{prior['path']}` sha256 `{prior['id']}`")
+    lines += [f"- FID protocol: `{report['protocol']['id']}`",
+              f"- reference statistics: `{d['reference']}`",
+              "- versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()),
+              f"- git commit: `{report['git_commit']}`; created {report['created']}", ""]
+    return "\n".join(lines)
+
+
+# ============================================================================ schema validation
+_NUM = (int, float)
+_STR, _INT = (str,), (int,)
+_TOP = {"format": _STR, "format_version": _INT, "created": _STR, "git_commit": _STR, "versions": (dict,),
+        "tokenizer": (dict,), "prior": (dict, type(None)), "protocol": (dict,), "data": (dict,),
+        "settings": (dict,), "budgets": (list,), "adaptive": (dict, type(None)), "files": (list,)}
+_IDENT = {"id": _STR, "path": _STR, "tag": _STR}
+_PRIOR = {**_IDENT, "kind": _STR, "tokenizer_id": _STR}
+_PROTOCOL = {"name": _STR, "id": _STR}
+_DATA = {"config": (dict,), "split": _STR, "split_size": _INT, "n_images": _INT, "reference": _STR}
+_SETTINGS = {"budgets": (list,), "num_images": (int, type(None)), "seed": _INT, "cfg_scale": _NUM,
+             "temperature": _NUM, "steps": _INT, "chunk_size": _INT, "adaptive_threshold": (*_NUM, type(None)),
+             "shards": _INT}
+_COMMON = {"protocol_id": _STR, "seed": _INT, "tokenizer_id": _STR, "prior_id": (str, type(None)),
+           "gfid": (*_NUM, type(None)), "n_samples": (int, type(None)), "rfid": _NUM, "l1": _NUM, "lpips": _NUM,
+           "n_images": _INT}
+_BUDGET = {"budget": _INT, **_COMMON}
+_ADAPTIVE = {"threshold": _NUM, "mean_tokens": _NUM, "histogram": (dict,), "gfid_note": (str, type(None)),
+             **_COMMON}
+
+
+def _check_fields(obj: Any, spec: dict[str, tuple[type, ...]], where: str, errors: list[str]) -> bool:
+    if not isinstance(obj, dict):
+        errors.append(f"{where}: expected an object, got {type(obj).__name__}")
+        return False
+    for key, types in spec.items():
+        if key not in obj:
+            errors.append(f"{where}.{key}: missing")
+        elif isinstance(obj[key], bool) or not isinstance(obj[key], types):
+            errors.append(f"{where}.{key}: expected {'/'.join(t.__name__ for t in types)}, "
+                          f"got {type(obj[key]).__name__}")
+        elif isinstance(obj[key], float) and not math.isfinite(obj[key]):
+            errors.append(f"{where}.{key}: not finite ({obj[key]})")
+    return True
+
+
+def validate_report(report: dict[str, Any]) -> None:
+    """Raise :class:`ReportError` listing every way ``report`` departs from the documented schema."""
+    errors: list[str] = []
+    if not _check_fields(report, _TOP, "report", errors) or errors:
+        raise ReportError("report.json does not follow the schema:\n  " + "\n  ".join(errors))
+    if report["format"] != REPORT_FORMAT or report["format_version"] != REPORT_VERSION:
+        errors.append(f"report: format must be {REPORT_FORMAT!r} version {REPORT_VERSION}")
+    _check_fields(report["tokenizer"], _IDENT, "tokenizer", errors)
+    if report["prior"] is not None:
+        _check_fields(report["prior"], _PRIOR, "prior", errors)
+    _check_fields(report["protocol"], _PROTOCOL, "protocol", errors)
+    _check_fields(report["data"], _DATA, "data", errors)
+    _check_fields(report["settings"], _SETTINGS, "settings", errors)
+    for k, v in report["versions"].items():
+        if not isinstance(v, str):
+            errors.append(f"versions.{k}: expected str")
+    if not all(isinstance(f, str) for f in report["files"]):
+        errors.append("files: expected a list of file names")
+    if errors:
+        raise ReportError("report.json does not follow the schema:\n  " + "\n  ".join(errors))
+
+    has_prior = report["prior"] is not None
+    protocol_id, tok_id = report["protocol"]["id"], report["tokenizer"]["id"]
+    if len(tok_id) != 64:
+        errors.append("tokenizer.id: expected a 64-digit sha256")
+
+    def check_entry(entry: dict[str, Any], where: str, spec: dict[str, tuple[type, ...]]) -> None:
+        if not _check_fields(entry, spec, where, errors) or any(e.startswith(where) for e in errors):
+            return
+        if entry["protocol_id"] != protocol_id or entry["tokenizer_id"] != tok_id:
+            errors.append(f"{where}: protocol_id/tokenizer_id differ from the report's")
+        if entry["n_images"] < 2 or not 0 <= entry["l1"] <= 1 or entry["lpips"] < 0:
+            errors.append(f"{where}: need n_images >= 2, 0 <= l1 <= 1, lpips >= 0")
+        if entry["gfid"] is not None and not has_prior:
+            errors.append(f"{where}.gfid: a gFID without a prior")
+        if (entry["gfid"] is None) != (entry["n_samples"] is None):
+            errors.append(f"{where}: gfid and n_samples must both be set or both null")
+
+    budgets = []
+    for i, entry in enumerate(report["budgets"]):
+        check_entry(entry, f"budgets[{i}]", _BUDGET)
+        if isinstance(entry, dict) and isinstance(entry.get("budget"), int):
+            budgets.append(entry["budget"])
+            if has_prior and entry.get("gfid") is None:
+                errors.append(f"budgets[{i}].gfid: missing although a prior was evaluated")
+    if not budgets or budgets != sorted(set(budgets)):
+        errors.append("budgets: expected at least one entry, budgets strictly increasing")
+    a = report["adaptive"]
+    if a is not None:
+        check_entry(a, "adaptive", _ADAPTIVE)
+        hist = a.get("histogram", {}) if isinstance(a, dict) else {}
+        if not all(k.isdigit() and isinstance(v, int) and v >= 0 for k, v in hist.items()):
+            errors.append("adaptive.histogram: expected {\"<budget>\": count >= 0}")
+        elif isinstance(a.get("n_images"), int):
+            if sum(hist.values()) != a["n_images"]:
+                errors.append(f"adaptive.histogram: counts sum to {sum(hist.values())}, not n_images={a['n_images']}")
+            chosen = [int(k) for k, v in hist.items() if v]
+            mean = a.get("mean_tokens")
+            if chosen and isinstance(mean, _NUM) and not min(chosen) <= mean <= max(chosen):
+                errors.append(f"adaptive.mean_tokens={mean} lies outside the chosen budgets {chosen}")
+    if "report.json" not in report["files"]:
+        errors.append("files: must list report.json")
+    if errors:
+        raise ReportError("report.json does not follow the schema:\n  " + "\n  ".join(errors))

@@ -1,0 +1,75 @@
+"""``alit reconstruct``: reconstructions of a dataset split at each budget, and adaptively; shardable.
+
+    alit reconstruct --tokenizer runs/tok/final --out recon --budgets 8,16,adaptive --adaptive-threshold 0.07 \\
+        --num-images 64 [data.source=emoji]
+
+Writes ``<out>/<tokenizer name>-<hash8>/recon-budget008/`` and ``recon-adaptive-t0.07/`` (PNGs by global
+index, ``reconstructions.npz`` with images, labels, per-image budgets, L1 and split positions); the
+evaluated images are the split, or its seeded class-stratified subset of ``--num-images``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass, field
+
+from tokenizer.core.checkpoint import CheckpointError
+from tokenizer.core.config import ConfigError, load_config
+from tokenizer.core.data import DataConfig, DataError
+
+TAKES_OVERRIDES = True  # data.* overrides, e.g. data.source=/path/to/images
+
+
+@dataclass
+class DataSpec:
+    """What ``--config`` and the overrides set: the dataset."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.usage = "alit reconstruct --tokenizer DIR --out DIR [options] [data.key=value ...]"
+    parser.add_argument("--tokenizer", required=True, help="a saved tokenizer directory (a tokenizer run's final/)")
+    parser.add_argument("--out", required=True, help="output root; one folder per checkpoint and budget")
+    parser.add_argument("--budgets", default="all,adaptive",
+                        help="comma-separated budgets, 'all' and/or 'adaptive' (default all,adaptive)")
+    parser.add_argument("--adaptive-threshold", type=float, default=0.07,
+                        help="token-count selection: first budget with L1 below this ([0, 1] units)")
+    parser.add_argument("--split", default="val", help="dataset split (train, val, all)")
+    parser.add_argument("--num-images", type=int, default=None, help="a seeded stratified subset (default: all)")
+    parser.add_argument("--config", default=None, help="YAML with a data: section (default: the emoji set)")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per chunk and model batch")
+    parser.add_argument("--shard", default="0/1", help="i/n: make shard i of n (default 0/1 = everything)")
+    parser.add_argument("--no-png", action="store_true", help="write only the npz, no PNG per image")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    from sampling.generate import (
+        Shard,
+        default_device,
+        load_models,
+        parse_budgets,
+        reconstruct_to_folder,
+    )
+    from tokenizer.core.data import build_dataset
+
+    try:
+        spec = load_config(DataSpec, args.config, args.overrides)
+        shard = Shard.parse(args.shard)
+        models = load_models(args.tokenizer, None, args.device or default_device())
+        budgets = parse_budgets(args.budgets, models.tokenizer.budgets)
+        dataset = build_dataset(spec.data, args.split)
+        for budget in budgets:
+            folder = reconstruct_to_folder(
+                models.tokenizer, models.tokenizer_tag, spec.data, args.split, budget, args.out,
+                threshold=args.adaptive_threshold, num_images=args.num_images, chunk_size=args.batch_size,
+                shard=shard, png=not args.no_png, progress=not args.no_progress,
+                identity=models.tokenizer_identity, dataset=dataset)
+            print(f"[reconstruct] {folder}")
+    except (ConfigError, DataError, ValueError, FileNotFoundError, FileExistsError, CheckpointError) as e:
+        print(f"alit reconstruct: {e}", file=sys.stderr)
+        return 2
+    return 0
