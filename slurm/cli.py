@@ -25,12 +25,16 @@ class Command:
 
 
 COMMANDS: tuple[Command, ...] = (
+    Command("demo", "slurm.demo_cmd", "the whole pipeline on the embedded emoji set, ending in an HTML report",
+            "alit demo"),
     Command("weights", "tokenizer.core.weights_cmd", "report and verify the offline FID/LPIPS weights",
             "alit weights"),
     Command("data", "tokenizer.core.data_cmd", "inspect a dataset (the embedded emoji set by default)",
             "alit data --source emoji"),
     Command("train", "slurm.train_cmd", "train a tokenizer stage (vq, distill, finetune) or a prior",
             "alit train tokenizer --config configs/tokenizer/vq_emoji_cpu.yaml train.max_steps=50"),
+    Command("sweep", "slurm.sweep_cmd", "one training command over a grid of overrides, as one Slurm job array",
+            "alit sweep configs/sweeps/vq_lr_emoji_cpu.yaml --cluster local"),
     Command("tokenize", "slurm.tokenize_cmd", "encode a dataset at every budget into a token cache for priors",
             "alit tokenize --tokenizer runs/emoji_finetune/final --out runs/emoji_tokens --adaptive-threshold 0.07"),
     Command("sample", "slurm.sample_cmd", "images from a prior + tokenizer at token budgets (shardable)",

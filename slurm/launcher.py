@@ -16,15 +16,20 @@ Usage::
     jobs = submit_array([spec_a, spec_b], run_dir=run_dir)   # one Slurm array
 
 Logs of a job go to ``<run_dir>/slurm/<job id>/`` (stdout ``*_log.out``, stderr ``*_log.err``).
+Slurm and local jobs export ``OMP_NUM_THREADS=<cpus_per_task>`` and ``SlurmConfig.env`` before Python
+starts (the executor's setup lines). :func:`add_cluster_arguments` and :func:`slurm_config_from_args`
+give commands the ``--cluster`` option and the resource flags.
 In a job of several tasks every task runs the function with ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
 ``MASTER_ADDR`` and ``MASTER_PORT`` set, so ``init_distributed()`` joins one process group.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import importlib
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -35,6 +40,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import submitit
+import yaml
 from submitit.core.job_environment import SignalHandler
 from submitit.core.utils import FailedJobError, UncompletedJobError
 
@@ -68,6 +74,7 @@ class SlurmConfig:
     signal_delay_s: int = 90  # USR2 comes this long before the time limit (time to checkpoint)
     job_name: str = "alit"  # name shown by squeue
     extra: dict[str, Any] = field(default_factory=dict)  # more sbatch options, e.g. {"constraint": "a100"}
+    env: dict[str, str] = field(default_factory=dict)  # variables exported before Python starts (slurm, local)
 
     def __post_init__(self) -> None:
         for name in ("nodes", "tasks_per_node", "cpus_per_task", "time_min"):
@@ -86,11 +93,19 @@ class SlurmConfig:
         if bad:
             raise ValueError(f"slurm.extra keys must be sbatch option names without dashes "
                              f"(e.g. 'constraint'), got {bad}")
+        bad = [k for k in self.env if not (isinstance(k, str) and k.isidentifier())]
+        if bad:
+            raise ValueError(f"slurm.env keys must be environment variable names (e.g. OMP_NUM_THREADS), got {bad}")
 
     @property
     def num_tasks(self) -> int:
         """Processes of one job in all."""
         return self.nodes * self.tasks_per_node
+
+    def job_env(self) -> dict[str, str]:
+        """What a job exports: ``OMP_NUM_THREADS`` = ``cpus_per_task`` (one intra-op thread per CPU the task
+        was given, so tasks do not oversubscribe a node), then :attr:`env`."""
+        return {"OMP_NUM_THREADS": str(self.cpus_per_task), **{k: str(v) for k, v in self.env.items()}}
 
 
 @dataclass(frozen=True)
@@ -240,6 +255,8 @@ def make_executor(cluster: Cluster, folder: str | Path, cfg: SlurmConfig | None 
         params.update(slurm_partition=cfg.partition, slurm_account=cfg.account, slurm_qos=cfg.qos,
                       slurm_signal_delay_s=cfg.signal_delay_s,
                       slurm_additional_parameters=dict(cfg.extra) or None)
+    if cluster != "debug":  # the debug executor runs in this process: nothing to export before it starts
+        params[f"{cluster}_setup"] = [f"export {k}={shlex.quote(v)}" for k, v in cfg.job_env().items()]
     executor.update_parameters(**params)
     return executor
 
@@ -349,3 +366,127 @@ def wait_with_errors(jobs: Sequence[submitit.Job], timeout_s: float | None = Non
     if failures:
         raise SlurmJobError(f"{len(failures)} of {len(jobs)} job(s) failed:\n" + "\n".join(failures))
     return results
+
+
+# ============================================================================ resources from files and the command line
+# command-line flag (argparse dest) -> SlurmConfig field; shared by `alit train --cluster ...` and `alit sweep`
+SLURM_FLAGS: dict[str, str] = {"partition": "partition", "nodes": "nodes", "tasks": "tasks_per_node",
+                               "gpus": "gpus_per_node", "cpus": "cpus_per_task", "mem": "mem_gb",
+                               "time": "time_min", "account": "account", "qos": "qos", "job_name": "job_name"}
+
+
+def parse_time_min(text: str) -> int:
+    """A Slurm time limit in whole minutes (rounded up): ``90``, ``MM:SS``, ``HH:MM:SS``, ``D-HH[:MM[:SS]]``."""
+    days, dash, rest = text.strip().rpartition("-")
+    try:
+        d = int(days) if dash else 0
+        parts = [int(p) for p in rest.split(":")]
+    except ValueError:
+        parts = []
+    if dash:  # D-HH, D-HH:MM, D-HH:MM:SS
+        hms = [*parts, 0, 0][:3] if 1 <= len(parts) <= 3 else []
+    else:  # MM, MM:SS, HH:MM:SS
+        hms = {1: [0, *parts, 0], 2: [0, *parts], 3: parts}.get(len(parts), [])
+    if not hms or min(d, *hms) < 0:
+        raise ValueError(f"time limit '{text}' is not minutes or a Slurm time ([D-]HH:MM:SS, MM:SS); "
+                         "e.g. --time 90 or --time 1:30:00")
+    h, m, s = hms
+    return d * 1440 + h * 60 + m + (1 if s > 0 else 0)
+
+
+def read_slurm_section(path: str | Path) -> dict[str, Any]:
+    """The ``slurm:`` mapping of a YAML file (a cluster profile, or any config holding one)."""
+    from tokenizer.core.config import ConfigError
+
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"slurm config file not found: {file}")
+    try:
+        raw = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"slurm config {file} is not valid YAML: {e}") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("slurm"), dict):
+        raise ConfigError(f"slurm config {file} has no 'slurm:' mapping; write e.g.\n"
+                          "slurm:\n  partition: gpu\n  gpus_per_node: 8\n  tasks_per_node: 8\n  time_min: 240")
+    return dict(raw["slurm"])
+
+
+def slurm_config(section: dict[str, Any] | None = None, overrides: Sequence[str] = (),
+                 **fields: Any) -> SlurmConfig:
+    """A validated :class:`SlurmConfig`: the defaults, then ``section`` (a ``slurm:`` mapping), then dotted
+    ``overrides`` (``slurm.partition=gpu`` or ``partition=gpu``), then ``fields`` given (None = not given).
+
+    Unknown keys and bad values are :class:`~tokenizer.core.config.ConfigError` naming ``slurm.<key>``.
+    """
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from tokenizer.core.config import ConfigError, from_dict, parse_overrides
+
+    stripped = [o[len("slurm."):] if o.startswith("slurm.") else o for o in overrides]
+    try:
+        merged = OmegaConf.merge(OmegaConf.create(dict(section or {})), parse_overrides(stripped),
+                                 OmegaConf.create({k: v for k, v in fields.items() if v is not None}))
+        data = OmegaConf.to_container(merged)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"slurm settings: {e}") from None
+    try:
+        return from_dict(SlurmConfig, data)  # type: ignore[arg-type]
+    except ConfigError as e:
+        raise ConfigError(str(e).replace("bad config key '", "bad config key 'slurm.")) from None
+    except (ValueError, TypeError) as e:  # SlurmConfig.__post_init__
+        raise ConfigError(f"slurm settings: {e}") from None
+
+
+def split_slurm_overrides(overrides: Sequence[str]) -> tuple[list[str], list[str]]:
+    """``key=value`` pairs split into (the run's own, the ``slurm.*`` ones)."""
+    own = [o for o in overrides if not o.startswith("slurm.")]
+    return own, [o for o in overrides if o.startswith("slurm.")]
+
+
+def add_cluster_arguments(parser: argparse.ArgumentParser, default: str = "none") -> None:
+    """``--cluster`` and the Slurm resource options (``--partition --gpus --cpus --time --account --qos`` ...).
+
+    ``default="none"`` offers ``none`` (run in this process); the cluster is never guessed from the machine.
+    """
+    choices = ("none", *CLUSTERS) if default == "none" else CLUSTERS
+    g = parser.add_argument_group("cluster", "where the work runs and with which resources (submitit). "
+                                  "Resources: SlurmConfig defaults < --slurm-config < slurm.key=value < flags")
+    g.add_argument("--cluster", choices=choices, default=default,
+                   help=f"slurm = a Slurm job; local = subprocesses here; debug = in this process through "
+                        f"submitit{'; none = plain in-process run' if default == 'none' else ''} "
+                        f"(default: {default})")
+    g.add_argument("--slurm-config", default=None, metavar="YAML", help="a YAML file with a 'slurm:' section")
+    g.add_argument("--partition", default=None, help="Slurm partition (default: the cluster's default)")
+    g.add_argument("--nodes", type=int, default=None, help="nodes per job")
+    g.add_argument("--tasks", type=int, default=None, help="tasks (processes) per node, e.g. one per GPU")
+    g.add_argument("--gpus", type=int, default=None, help="GPUs per node")
+    g.add_argument("--cpus", type=int, default=None, help="CPUs per task (also the job's OMP_NUM_THREADS)")
+    g.add_argument("--mem", type=float, default=None, help="memory per node in GB")
+    g.add_argument("--time", default=None, help="time limit per attempt: minutes or [D-]HH:MM:SS")
+    g.add_argument("--account", default=None, help="Slurm account")
+    g.add_argument("--qos", default=None, help="Slurm quality of service")
+    g.add_argument("--job-name", default=None, help="job name shown by squeue")
+    g.add_argument("--no-wait", action="store_true", help="submit, print the job id and return")
+
+
+def cluster_flags_given(args: argparse.Namespace) -> list[str]:
+    """The resource options the command line set (to refuse them where nothing is submitted)."""
+    given = [f"--{dest.replace('_', '-')}" for dest in SLURM_FLAGS if getattr(args, dest, None) is not None]
+    if getattr(args, "slurm_config", None):
+        given.append("--slurm-config")
+    if getattr(args, "no_wait", False):
+        given.append("--no-wait")
+    return given
+
+
+def slurm_config_from_args(args: argparse.Namespace, slurm_overrides: Sequence[str] = (),
+                           section: dict[str, Any] | None = None) -> SlurmConfig:
+    """Resources from (in order) ``section``, ``--slurm-config``, ``slurm.*`` overrides, then the flags."""
+    merged = dict(section or {})
+    if getattr(args, "slurm_config", None):
+        merged.update(read_slurm_section(args.slurm_config))
+    flags = {field_name: getattr(args, dest, None) for dest, field_name in SLURM_FLAGS.items()}
+    if flags["time_min"] is not None:
+        flags["time_min"] = parse_time_min(str(flags["time_min"]))
+    return slurm_config(merged, slurm_overrides, **flags)

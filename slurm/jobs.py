@@ -1,0 +1,188 @@
+"""What Slurm (or local/debug) jobs run, and submitting a training run as one.
+
+The job entry functions are imported by name inside the job (``JobSpec("slurm.jobs:train", ...)``),
+so they take plain, picklable arguments: a training target and its resolved config as a dict.
+
+    job = submit_training("tokenizer", cfg, SlurmConfig(partition="gpu", gpus_per_node=8, tasks_per_node=8))
+    [result] = wait_with_errors([job])     # {"run_dir": ..., "step": ..., "metrics": {...}}
+
+A run that finishes writes ``<run_dir>/result.json`` (its config, step, metrics and job id): sweeps use
+it to tell finished points from unfinished ones. A run stopped by preemption or the time limit has
+checkpointed and raised ``Preempted``; the launcher requeues the job and the Trainer resumes from
+``<run_dir>/checkpoints/latest``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import submitit
+
+from tokenizer.core.config import from_dict, load_config, to_dict
+
+from .cluster import ClusterError
+from .launcher import (
+    Cluster,
+    JobSpec,
+    SlurmConfig,
+    SlurmJobError,
+    slurm_config_from_args,
+    submit,
+    wait_with_errors,
+)
+
+# target -> (module, config schema, train function)
+TRAINERS: dict[str, tuple[str, str, str]] = {
+    "tokenizer": ("tokenizer.train", "TokenizerRunConfig", "train_tokenizer"),
+    "prior": ("generator.train", "PriorRunConfig", "train_prior"),
+}
+RESULT_FILE = "result.json"
+
+
+def _trainer(target: str) -> tuple[type, Any]:
+    if target not in TRAINERS:
+        raise ValueError(f"training target must be one of {sorted(TRAINERS)}, got '{target}'")
+    module_name, schema, fn = TRAINERS[target]
+    module = importlib.import_module(module_name)
+    return getattr(module, schema), getattr(module, fn)
+
+
+def run_schema(target: str) -> type:
+    """The config dataclass of a training target (``tokenizer`` or ``prior``)."""
+    return _trainer(target)[0]
+
+
+def load_run_config(target: str, config: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Any:
+    """The validated config of one run, with its run directory made absolute (jobs may start elsewhere)."""
+    cfg = load_config(run_schema(target), config, overrides)
+    cfg.run_dir = str(cfg.resolved_run_dir().absolute())
+    return cfg
+
+
+def result_path(run_dir: str | Path) -> Path:
+    """Where a finished run records its result."""
+    return Path(run_dir) / RESULT_FILE
+
+
+def read_result(run_dir: str | Path) -> dict[str, Any] | None:
+    """The result a finished run recorded, or None (not finished, or the file is unreadable)."""
+    try:
+        data = json.loads(result_path(run_dir).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _job_id() -> str | None:
+    try:
+        return str(submitit.JobEnvironment().job_id)
+    except RuntimeError:
+        return os.environ.get("SLURM_JOB_ID")
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", "0"))
+
+
+def _summarize(target: str, result: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {"target": target, "run_dir": str(result.run_dir), "step": int(result.step)}
+    if target == "prior":
+        out["metrics"] = {k: float(v) for k, v in result.bits_per_token.items()}
+        out["unigram_bits_per_token"] = {int(b): float(v) for b, v in result.unigram_bits_per_token.items()}
+    else:
+        out["metrics"] = {k: float(v) for k, v in result.metrics.items()}
+    return out
+
+
+# ============================================================================ job entry functions
+def train(target: str, config: dict[str, Any]) -> dict[str, Any]:
+    """Job entry: train (or resume) one run from its resolved config dict (``to_dict`` of the schema).
+
+    Every task of a multi-task job runs this (the Trainer joins the process group); rank 0 writes
+    ``result.json``. ``Preempted`` propagates, so the launcher requeues the job.
+    """
+    schema, fn = _trainer(target)
+    cfg = from_dict(schema, config)
+    print(f"[job] train {target} in {cfg.resolved_run_dir()} (OMP_NUM_THREADS="
+          f"{os.environ.get('OMP_NUM_THREADS', 'unset')})", file=sys.stderr, flush=True)
+    result = fn(cfg)
+    out = _summarize(target, result)
+    out["job_id"] = _job_id()
+    if _rank() == 0:
+        record = {**out, "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"), "config": to_dict(cfg)}
+        path = result_path(result.run_dir)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(record, indent=1))
+        os.replace(tmp, path)  # atomic: a point is finished exactly when this file exists
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    return out
+
+
+# ============================================================================ submitting
+def training_spec(target: str, cfg: Any) -> JobSpec:
+    """The :class:`JobSpec` that trains ``cfg`` (a validated run config with an absolute run_dir)."""
+    _trainer(target)
+    return JobSpec("slurm.jobs:train", {"target": target, "config": to_dict(cfg)})
+
+
+def submit_training(target: str, cfg: Any, slurm: SlurmConfig | None = None,
+                    cluster: Cluster = "slurm") -> submitit.Job:
+    """Submit one training run as a job; logs go to ``<run_dir>/slurm/<job id>/``."""
+    run_dir = Path(cfg.resolved_run_dir()).absolute()
+    cfg.run_dir = str(run_dir)
+    return submit(training_spec(target, cfg), run_dir=run_dir, cfg=slurm, cluster=cluster)
+
+
+def format_result(result: dict[str, Any]) -> str:
+    """The lines ``alit train`` prints for a finished run (a job's result dict)."""
+    lines = [f"[train] finished at step {result['step']}; run directory: {result['run_dir']}"]
+    if result.get("target") == "prior":
+        lines.append("budget  bits/token  unigram")
+        for b, uni in result.get("unigram_bits_per_token", {}).items():
+            bpt = result["metrics"].get(f"bits_per_token/{b}", float("nan"))
+            lines.append(f"{int(b):6d}  {bpt:10.3f}  {uni:7.3f}")
+    return "\n".join(lines)
+
+
+def run_on_cluster(args: argparse.Namespace, target: str, cfg: Any, slurm_overrides: list[str]) -> int:
+    """``alit train ... --cluster slurm|local|debug``: submit the run, then wait for it or print its job id."""
+    try:
+        slurm = slurm_config_from_args(args, slurm_overrides)
+    except ValueError as e:  # ConfigError is a ValueError
+        print(f"alit train: {e}", file=sys.stderr)
+        return 2
+    if args.no_wait and args.cluster == "debug":
+        print("alit train: --no-wait needs --cluster slurm or local (debug jobs run in this process when "
+              "waited for)", file=sys.stderr)
+        return 2
+    try:
+        job = submit_training(target, cfg, slurm, args.cluster)
+    except ClusterError as e:
+        print(f"alit train: {e}", file=sys.stderr)
+        return 2
+    print(f"[train] submitted job {job.job_id} ({args.cluster}); run directory: {cfg.run_dir}; "
+          f"logs: {job.paths.stderr.parent}", file=sys.stderr, flush=True)
+    if args.no_wait:
+        print(job.job_id)
+        return 0
+    try:
+        [result] = wait_with_errors([job])
+    except SlurmJobError as e:
+        print(f"alit train: {e}", file=sys.stderr)
+        return 1
+    print(format_result(result[0] if isinstance(result, list) else result))
+    return 0
