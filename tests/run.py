@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -33,7 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     print("== " + " ".join(cmd[2:]), flush=True)
     if not args.slow:
         print("   (tests marked 'slow' are deselected here: run `make test-slow` for them)", flush=True)
-    rc = subprocess.run(cmd, cwd=ROOT).returncode
+    # Idle OpenMP threads sleep instead of spinning: tests start subprocesses and Slurm jobs beside
+    # pytest on few cores, where spinning threads slow everything down many times over.
+    env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    rc = subprocess.run(cmd, cwd=ROOT, env=env).returncode
     if rc == 5:
         print("pytest collected no tests: treating as a failure", file=sys.stderr)
         return 1
