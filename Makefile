@@ -24,7 +24,7 @@ setup: $(STAMP)
 
 demo: setup
 	$(BIN)/alit weights
-	$(BIN)/alit data
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/alit demo
 
 test: setup
 	$(BIN)/python -m tests.run
