@@ -85,6 +85,7 @@ class ALITConfig:
     halting: bool = True  # mask well-predicted grid cells in the encoder for later iterations
     halting_threshold: float = 0.55  # a cell halts when its predicted probability exceeds this
     init_std: float = 0.02  # std of the (truncated normal) matrix init; 0.02 as the public code at W >= 512
+    dead_code_threshold: float = 0.0  # training: restart codes whose usage EMA (per call) falls below; 0 = off
     patch_size: int = 16  # pixel patch of the RGB 2D-token branch (= image_size / base_grid)
     base_grid: int = 16  # G: side of the base tokenizer's token grid (copied from the base config)
     base_code_dim: int = 256  # Cb: base feature/code channels (copied from the base config)
@@ -106,6 +107,8 @@ class ALITConfig:
                              "raise the width")
         if self.mlp_ratio <= 0:
             raise ValueError(f"alit.mlp_ratio must be > 0, got {self.mlp_ratio}")
+        if self.dead_code_threshold < 0:
+            raise ValueError(f"alit.dead_code_threshold must be >= 0 (0 = off), got {self.dead_code_threshold}")
         if not 0 < self.init_std < 1:
             raise ValueError(f"alit.init_std must be in (0, 1), got {self.init_std}")
         if self.commitment_beta < 0:
@@ -146,11 +149,13 @@ class ALITConfig:
 # At these widths the public 0.02 init (tuned for W >= 512, about 1/sqrt(2500)) leaves the latents almost
 # independent of the image, and every image quantizes to the same codes for hundreds of steps (measured:
 # 9 distinct ids in 400 steps on 512 emoji); init_std 0.08 (about 0.8/sqrt(W)) breaks that within 100 steps.
+# Even then the latent codebook collapsed to ~20 used codes of 1024 within 750 steps (usage 2%), so the
+# CPU sizes restart dead codes from batch latents (dead_code_threshold); the public recipe has it off.
 ALIT_SIZES: dict[str, dict[str, Any]] = {
     "tiny": dict(width=64, depth=1, heads=2, tokens_per_iter=4, num_iters=4, codebook_size=64, code_dim=8,
-                 init_std=0.08),
+                 init_std=0.08, dead_code_threshold=0.01),
     "small_cpu": dict(width=96, depth=1, heads=4, tokens_per_iter=4, num_iters=8, codebook_size=1024,
-                      code_dim=12, init_std=0.08),
+                      code_dim=12, init_std=0.08, dead_code_threshold=0.01),
     # the public sizes: 52.8M, 174.2M, 207.5M, 409.1M
     "tiny_public": dict(width=512, depth=8, heads=8),
     "base": dict(width=768, depth=12, heads=12),
@@ -248,10 +253,35 @@ class VectorQuantizer(nn.Module):
     """Cosine-similarity VQ: inputs and codes L2-normalised, codebook + beta * commitment loss,
     straight-through gradients; computed in fp32 with autocast off."""
 
-    def __init__(self, codebook_size: int, code_dim: int, beta: float) -> None:
+    def __init__(self, codebook_size: int, code_dim: int, beta: float, dead_code_threshold: float = 0.0,
+                 usage_decay: float = 0.99) -> None:
         super().__init__()
         self.embedding = nn.Embedding(codebook_size, code_dim)
         self.beta = beta
+        self.dead_code_threshold, self.usage_decay = dead_code_threshold, usage_decay
+        if dead_code_threshold > 0:  # a buffer only then: the public layout has no such key
+            self.register_buffer("usage", torch.ones(codebook_size))  # EMA of assignments per call
+
+    @torch.no_grad()
+    def restart_dead_codes(self, z: Tensor, ids: Tensor) -> int:
+        """Replace codes whose usage EMA fell below the threshold by random latents of this batch.
+
+        The standard cure for codebook collapse (dead codes never receive gradient). Randomness comes
+        from the global generator, which the trainer seeds per step, so resume stays exact; under
+        torch.distributed rank 0's codebook is broadcast so ranks never diverge. Returns codes replaced.
+        """
+        counts = torch.bincount(ids.reshape(-1), minlength=self.usage.numel()).to(self.usage.dtype)
+        self.usage.mul_(self.usage_decay).add_(counts, alpha=1 - self.usage_decay)
+        dead = (self.usage < self.dead_code_threshold).nonzero().squeeze(1)
+        if dead.numel():
+            flat = z.reshape(-1, z.shape[-1])
+            pick = torch.randint(0, flat.shape[0], (dead.numel(),), device=flat.device)
+            self.embedding.weight[dead] = flat[pick].to(self.embedding.weight.dtype)
+            self.usage[dead] = 1.0
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.broadcast(self.embedding.weight.data, 0)
+            torch.distributed.broadcast(self.usage, 0)
+        return int(dead.numel())
 
     def codes(self, ids: Tensor) -> Tensor:
         """Unit-norm codes of ``ids (B, k)`` -> ``(B, k, D)`` (what the decoder reads)."""
@@ -266,6 +296,8 @@ class VectorQuantizer(nn.Module):
             z_q = F.embedding(ids, book)  # (B, k, D)
             loss = F.mse_loss(z_q, z.detach()) + self.beta * F.mse_loss(z, z_q.detach())
             z_q = z + (z_q - z).detach()
+            if self.training and self.dead_code_threshold > 0:
+                self.restart_dead_codes(z.detach(), ids)
         return z_q, ids, loss
 
 
@@ -344,7 +376,7 @@ class ALIT(nn.Module):
         # bottleneck
         self.encoder_ln_post = nn.LayerNorm(w)
         self.pre_quantizer_mlp = nn.Linear(w, c.code_dim)
-        self.quantize = VectorQuantizer(c.codebook_size, c.code_dim, c.commitment_beta)
+        self.quantize = VectorQuantizer(c.codebook_size, c.code_dim, c.commitment_beta, c.dead_code_threshold)
         # decoder
         self.decoder_class_embedding = nn.Parameter(torch.empty(1, w))
         self.decoder_positional_embedding = nn.Parameter(torch.empty(1 + n, w))
