@@ -20,8 +20,9 @@ def test_dead_codes_are_restarted_from_batch_latents() -> None:
     vq = VectorQuantizer(256, 8, 0.25, dead_code_threshold=0.5, usage_decay=0.5).train()
     z = _collapsed_batch()
     used_before = vq(z)[1].unique().numel()
-    for _ in range(3):  # usage of never-chosen codes decays 1 -> 0.125 < 0.5: they are restarted
+    for _ in range(3):  # usage of never-chosen codes decays 1 -> 0.0625 < 0.5: they are restarted
         vq(z)
+    assert vq.restart_dead_codes() > 200
     used_after = vq(z)[1].unique().numel()
     assert used_before <= 3 and used_after > 10 * used_before
     # restarted codes are batch latents (the few codes in use are kept): almost all now sit in the z cloud
@@ -36,7 +37,9 @@ def test_restarts_are_deterministic_and_training_only() -> None:
         vq = VectorQuantizer(128, 8, 0.25, dead_code_threshold=0.5, usage_decay=0.5).train()
         for s in range(4):
             torch.manual_seed(100 + s)  # the trainer seeds each step
-            vq(_collapsed_batch(s))
+            loss = vq(_collapsed_batch(s))[2]
+            loss.backward()  # the graph is intact: restarts happen between steps, not inside forward
+            vq.restart_dead_codes()
         return vq.embedding.weight.detach().clone()
 
     assert torch.equal(run(), run())
@@ -45,6 +48,7 @@ def test_restarts_are_deterministic_and_training_only() -> None:
     before = vq.embedding.weight.detach().clone()
     for _ in range(4):
         vq(_collapsed_batch())
+        assert vq.restart_dead_codes() == 0
     assert torch.equal(vq.embedding.weight, before)  # encoding never changes the codebook
 
 

@@ -263,24 +263,33 @@ class VectorQuantizer(nn.Module):
             self.register_buffer("usage", torch.ones(codebook_size))  # EMA of assignments per call
 
     @torch.no_grad()
-    def restart_dead_codes(self, z: Tensor, ids: Tensor) -> int:
-        """Replace codes whose usage EMA fell below the threshold by random latents of this batch.
-
-        The standard cure for codebook collapse (dead codes never receive gradient). Randomness comes
-        from the global generator, which the trainer seeds per step, so resume stays exact; under
-        torch.distributed rank 0's codebook is broadcast so ranks never diverge. Returns codes replaced.
-        """
+    def _track_usage(self, z: Tensor, ids: Tensor) -> None:
         counts = torch.bincount(ids.reshape(-1), minlength=self.usage.numel()).to(self.usage.dtype)
         self.usage.mul_(self.usage_decay).add_(counts, alpha=1 - self.usage_decay)
+        self._recent = z.reshape(-1, z.shape[-1])  # latents of the last call: the pool restarts draw from
+
+    @torch.no_grad()
+    def restart_dead_codes(self) -> int:
+        """Replace codes whose usage EMA fell below the threshold by random latents of the last batch.
+
+        The standard cure for codebook collapse (dead codes never receive gradient). Call it between
+        optimizer steps (the training tasks do, after the update), never inside a forward whose graph
+        still needs the codebook. Randomness comes from the global generator, which the trainer seeds
+        per step, so resume stays exact; under torch.distributed rank 0's codebook is broadcast so ranks
+        never diverge. Returns the number of codes replaced.
+        """
+        recent = getattr(self, "_recent", None)
+        if self.dead_code_threshold <= 0 or recent is None:
+            return 0
         dead = (self.usage < self.dead_code_threshold).nonzero().squeeze(1)
         if dead.numel():
-            flat = z.reshape(-1, z.shape[-1])
-            pick = torch.randint(0, flat.shape[0], (dead.numel(),), device=flat.device)
-            self.embedding.weight[dead] = flat[pick].to(self.embedding.weight.dtype)
+            pick = torch.randint(0, recent.shape[0], (dead.numel(),), device=recent.device)
+            self.embedding.weight[dead] = recent[pick].to(self.embedding.weight.dtype)
             self.usage[dead] = 1.0
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.broadcast(self.embedding.weight.data, 0)
             torch.distributed.broadcast(self.usage, 0)
+        self._recent = None
         return int(dead.numel())
 
     def codes(self, ids: Tensor) -> Tensor:
@@ -297,7 +306,7 @@ class VectorQuantizer(nn.Module):
             loss = F.mse_loss(z_q, z.detach()) + self.beta * F.mse_loss(z, z_q.detach())
             z_q = z + (z_q - z).detach()
             if self.training and self.dead_code_threshold > 0:
-                self.restart_dead_codes(z.detach(), ids)
+                self._track_usage(z.detach(), ids)
         return z_q, ids, loss
 
 

@@ -192,6 +192,7 @@ class DistillTask(_StageTask):
         logs["code_mse/last"] = mse.detach()
         logs["vq/last"] = out.iterations[-1].vq_loss.detach()
         yield Phase("model", total, logs)
+        tok.alit.quantize.restart_dead_codes()  # after the update, outside any graph
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, step: int) -> dict[str, float]:
@@ -231,6 +232,7 @@ class FinetuneTask(_StageTask):
         logs = {f"{k}/iter{t}" if k in ("l1", "perceptual") else k: v for k, v in logs.items()}
         logs["vq"] = it.vq_loss.detach()
         yield Phase("model", g_loss + self.cfg.vq_loss_weight * it.vq_loss, logs)
+        self.model.alit.quantize.restart_dead_codes()  # after the update, outside any graph
         if self.loss.gan_active(step):
             d_loss, d_logs = self.loss.discriminator_loss(images, recon.detach(), step, disc_index=d)
             yield Phase("disc", d_loss, d_logs)
