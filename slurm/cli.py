@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -73,6 +74,9 @@ def build_parser(load: str | None = None) -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``alit`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    # Idle OpenMP threads sleep instead of spinning (set before torch loads; an explicit setting wins):
+    # on a shared or oversubscribed CPU, spinning made 2-thread runs up to 30x slower (see bench/).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     # xformers 0.0.35's own compiled extension does not load against torch 2.14 (it then uses kernels
     # that PyTorch provides, see offline-assets.md); its import-time warning says nothing actionable.
     logging.getLogger("xformers").setLevel(logging.ERROR)

@@ -49,12 +49,28 @@ def packed_mask(seqlens: Sequence[int], causal: bool, device: torch.device) -> t
     return allowed
 
 
+def _sdpa_packed(q, k, v, seqlens, causal) -> torch.Tensor:
+    """A packed batch without a dense (L, L) mask: sequences of equal length form one SDPA batch each,
+    so the cost grows with the sum of squared lengths, not the square of the total."""
+    starts: dict[int, list[int]] = {}
+    pos = 0
+    for n in (int(s) for s in seqlens):
+        starts.setdefault(n, []).append(pos)
+        pos += n
+    out = q.new_empty(q.shape)  # (1, H, L, D)
+    for n, st in starts.items():
+        idx = (torch.tensor(st, device=q.device)[:, None] + torch.arange(n, device=q.device)).reshape(-1)
+        group = [t[0][:, idx].unflatten(1, (len(st), n)).transpose(0, 1) for t in (q, k, v)]  # 3 x (g, H, n, D)
+        o = F.scaled_dot_product_attention(*group, is_causal=causal)  # (g, H, n, D)
+        out[0][:, idx] = o.transpose(0, 1).flatten(1, 2)
+    return out
+
+
 def _sdpa(q, k, v, key_mask, seqlens, causal) -> torch.Tensor:
     mask = None
     if seqlens is not None:
-        mask = packed_mask(seqlens, causal, q.device)
-        causal = False
-    elif key_mask is not None:
+        return _sdpa_packed(q, k, v, seqlens, causal)
+    if key_mask is not None:
         mask = key_mask[:, None, None, :]
         if causal:
             lq, lk = q.shape[-2], k.shape[-2]
