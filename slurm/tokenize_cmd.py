@@ -7,19 +7,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import dataclass, field
 
 from tokenizer.core.config import ConfigError, load_config
-from tokenizer.core.data import DataConfig
+
+from .reconstruct_cmd import DataSpec
 
 TAKES_OVERRIDES = True  # data.* overrides, e.g. data.source=/path/to/images
-
-
-@dataclass
-class TokenizeSpec:
-    """What ``alit tokenize`` reads from ``--config`` and overrides: the dataset."""
-
-    data: DataConfig = field(default_factory=DataConfig)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -38,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     from generator.cache import build_token_cache
 
     try:
-        spec = load_config(TokenizeSpec, args.config, args.overrides)
+        spec = load_config(DataSpec, args.config, args.overrides)
     except ConfigError as e:
         print(f"alit tokenize: {e}", file=sys.stderr)
         return 2
