@@ -13,7 +13,7 @@ Arrays: ``images`` uint8 (N,64,64,3), ``labels`` int64 (N,), ``class_names`` (10
 Usage:
   python scripts/build_emoji_dataset.py                     # runs `npm pack` in a temporary folder
   python scripts/build_emoji_dataset.py --package emoji-datasource-google-16.0.0.tgz
-  python scripts/build_emoji_dataset.py --package path/to/extracted/package --out /tmp/emoji.npz
+  python scripts/build_emoji_dataset.py --package path/to/extracted/package --out emoji.npz
   python scripts/build_emoji_dataset.py --check             # rebuild and compare with the committed file
 """
 

@@ -3,7 +3,7 @@
 ``slurm/cluster.sh`` does the work (one real single-node Slurm on localhost, started without systemd,
 stopped by saved PID); :class:`DevCluster` runs it::
 
-    cluster = DevCluster()            # directory: $ALIT_SLURM_DIR or /tmp/alit-slurm
+    cluster = DevCluster()            # directory: $ALIT_SLURM_DIR or <tempdir>/alit-slurm
     cluster.install()                 # apt-get the packages if missing (root, Debian/Ubuntu)
     os.environ.update(cluster.start())  # {"SLURM_CONF": ".../etc/slurm.conf"}
     ...                               # sbatch / srun / submitit
@@ -16,11 +16,12 @@ import os
 import shlex
 import shutil
 import subprocess
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 SCRIPT = Path(__file__).with_name("cluster.sh")
-DEFAULT_DIR = "/tmp/alit-slurm"
+DEFAULT_DIR = os.path.join(tempfile.gettempdir(), "alit-slurm")  # short: unix socket paths < 108 bytes
 
 NO_SBATCH = ("no sbatch found: install Slurm or use --cluster local/debug; for a laptop dev cluster run "
              "`bash slurm/cluster.sh install && eval $(bash slurm/cluster.sh start)`")
@@ -67,7 +68,7 @@ class DevCluster:
         self.directory = Path(self.directory or os.environ.get("ALIT_SLURM_DIR") or DEFAULT_DIR)
         if len(str(self.directory)) > 55:
             raise ValueError(f"DevCluster.directory '{self.directory}' is too long for unix socket paths: "
-                             "use a path under ~55 characters (e.g. /tmp/alit-slurm)")
+                             "use a path under ~55 characters (e.g. <tempdir>/alit-slurm)")
         if self.cpus is not None and self.cpus < 1:
             raise ValueError(f"DevCluster.cpus must be >= 1 (or None for the hardware's), got {self.cpus}")
 
