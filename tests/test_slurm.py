@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -131,13 +132,13 @@ def test_config_and_spec_errors_name_the_field() -> None:
     with pytest.raises(ValueError, match="has no function 'nope'"):
         JobSpec("tests.test_slurm:nope").resolve()
     with pytest.raises(ValueError, match="cluster must be one of"):
-        make_executor("kubernetes", "/tmp/x", QUICK)  # type: ignore[arg-type]
+        make_executor("kubernetes", "unused-folder", QUICK)  # type: ignore[arg-type]
     assert SlurmConfig(nodes=2, tasks_per_node=4).num_tasks == 8
 
 
 def test_parse_exports() -> None:
-    text = "export SLURM_CONF=/tmp/a\\ b/etc/slurm.conf\n# comment\nnoise\nexport X='1 2' Y=3\n"
-    assert parse_exports(text) == {"SLURM_CONF": "/tmp/a b/etc/slurm.conf", "X": "1 2", "Y": "3"}
+    text = "export SLURM_CONF=/var/a\\ b/etc/slurm.conf\n# comment\nnoise\nexport X='1 2' Y=3\n"
+    assert parse_exports(text) == {"SLURM_CONF": "/var/a b/etc/slurm.conf", "X": "1 2", "Y": "3"}
 
 
 def test_debug_and_local_executors_run_a_spec(tmp_path: Path) -> None:
@@ -183,7 +184,7 @@ def test_script_starts_and_stops_only_its_own(slurm_cluster: DevCluster, tmp_pat
     the session's cluster or a same-named process whose PID sits in its pid file."""
     session_pids = _pids(Path(slurm_cluster.directory))
     assert {"munged", "slurmctld", "slurmd"} <= set(session_pids)
-    other = DevCluster(directory=f"/tmp/alit-slurm-t{os.getpid()}", accounting=False, port_base=_free_port_base())
+    other = DevCluster(directory=os.path.join(tempfile.gettempdir(), f"alit-slurm-t{os.getpid()}"), accounting=False, port_base=_free_port_base())
     decoy_bin = tmp_path / "slurmd"
     shutil.copy("/bin/sleep", decoy_bin)
     decoy = subprocess.Popen([str(decoy_bin), "120"])

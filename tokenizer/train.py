@@ -120,7 +120,20 @@ class _StageTask:
         model.save_pretrained(out_dir)
 
 
-class VQTask(_StageTask):
+class _GANStageTask(_StageTask):
+    """A stage trained against discriminators: the model's optimizer and the discriminators' own."""
+
+    model: nn.Module
+    loss: ReconstructionLoss
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"model": self.model, "disc": self.loss.discriminators}
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        return {"model": list(self.model.parameters()), "disc": self.loss.discriminator_parameters()}
+
+
+class VQTask(_GANStageTask):
     """Base 2D VQ tokenizer from scratch."""
 
     def __init__(self, cfg: TokenizerRunConfig, val_images: torch.Tensor) -> None:
@@ -129,12 +142,6 @@ class VQTask(_StageTask):
         self.loss = ReconstructionLoss(cfg.loss, _perceptual(cfg))
         self.extra = [self.loss]
         self.lr_scales = {"disc": cfg.loss.disc_lr_factor}
-
-    def modules(self) -> dict[str, nn.Module]:
-        return {"model": self.model, "disc": self.loss.discriminators}
-
-    def param_groups(self) -> dict[str, list[nn.Parameter]]:
-        return {"model": list(self.model.parameters()), "disc": self.loss.discriminator_parameters()}
 
     def train_step(self, batch: Any, step: int) -> Iterator[Phase]:
         images = batch[0]
@@ -199,7 +206,7 @@ class DistillTask(_StageTask):
         return evaluate_budgets(model, self.val_images)
 
 
-class FinetuneTask(_StageTask):
+class FinetuneTask(_GANStageTask):
     """Full finetuning with reconstruction, perceptual and GAN losses; one iteration per step."""
 
     def __init__(self, cfg: TokenizerRunConfig, val_images: torch.Tensor) -> None:
@@ -209,12 +216,6 @@ class FinetuneTask(_StageTask):
         self.loss = ReconstructionLoss(cfg.loss, _perceptual(cfg))
         self.extra = [self.loss]
         self.lr_scales = {"disc": cfg.loss.disc_lr_factor}
-
-    def modules(self) -> dict[str, nn.Module]:
-        return {"model": self.model, "disc": self.loss.discriminators}
-
-    def param_groups(self) -> dict[str, list[nn.Parameter]]:
-        return {"model": list(self.model.parameters()), "disc": self.loss.discriminator_parameters()}
 
     def iteration_at(self, step: int) -> int:
         """The iteration supervised at ``step`` (cycling 0, 1, ..., n-1)."""
