@@ -2,7 +2,13 @@
 
     alit eval --tokenizer runs/tok/final --num-images 64 --out reports/tok            # rFID, L1, LPIPS, TSC
     alit eval --tokenizer runs/tok/final --prior runs/prior/final --cfg 1.5 --out reports/tok_prior  # + gFID
-    alit eval ... --shard 3/8         # one of eight jobs; the job that completes the set writes the report
+    alit eval ... --shard 3/8         # one of eight runs by hand; the run that completes the set writes the report
+    alit eval ... --cluster slurm --shards 4 --gpus 1 --time 1:00:00   # as Slurm jobs (see slurm.eval_jobs)
+
+With ``--cluster slurm`` one job array gets a task per (budget x shard) (adaptive counts as one more budget)
+and a merge job that depends on it writes the report; ``--no-wait`` prints both job ids and returns.
+``local`` runs the same jobs as subprocesses here, ``debug`` in this process (the merge job is submitted once
+the array has succeeded). Resource flags and ``slurm.key=value`` overrides apply to every job.
 
 Writes ``report.json``, ``report.md``, ``fid_vs_tokens.png``, ``reconstructions.png``,
 ``samples_<budget>.png`` and ``adaptive_histogram.png`` (see :mod:`sampling.report`). Feature statistics
@@ -14,14 +20,29 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from tokenizer.core.checkpoint import CheckpointError
 from tokenizer.core.config import ConfigError, load_config
 from tokenizer.core.data import DataError
 
+from .cluster import ClusterError
+from .launcher import (
+    SlurmConfig,
+    SlurmJobError,
+    add_cluster_arguments,
+    cluster_flags_given,
+    slurm_config_from_args,
+    split_slurm_overrides,
+)
 from .reconstruct_cmd import DataSpec
 
-TAKES_OVERRIDES = True  # data.* overrides, e.g. data.source=/path/to/images
+if TYPE_CHECKING:
+    from sampling.report import Evaluation
+
+    from .eval_jobs import EvalRequest
+
+TAKES_OVERRIDES = True  # data.* overrides, e.g. data.source=/path/to/images; slurm.* ones set job resources
 
 
 def _threshold(text: str) -> float | None:
@@ -29,7 +50,7 @@ def _threshold(text: str) -> float | None:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.usage = "alit eval --tokenizer DIR [--prior DIR] [options] [data.key=value ...]"
+    parser.usage = "alit eval --tokenizer DIR [--prior DIR] [options] [data.key=value ...] [slurm.key=value ...]"
     parser.add_argument("--tokenizer", required=True, help="a saved tokenizer directory (a tokenizer run's final/)")
     parser.add_argument("--prior", default=None, help="a saved prior directory: adds gFID per budget")
     parser.add_argument("--out", default=None,
@@ -50,36 +71,19 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="the prior's token cache, for adaptive gFID (default: from the prior run's config)")
     parser.add_argument("--config", default=None, help="YAML with a data: section (default: the emoji set)")
     parser.add_argument("--batch-size", type=int, default=32, help="images per chunk and model batch")
-    parser.add_argument("--shard", default="0/1", help="i/n: evaluate shard i of n of every piece (default 0/1)")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--shard", default=None,
+                        help="i/n: evaluate shard i of n of every piece in this process (default 0/1); "
+                             "for jobs use --cluster with --shards")
+    parser.add_argument("--shards", type=int, default=None,
+                        help="with --cluster: shards per budget, i.e. array tasks = budgets x shards (default 1)")
+    parser.add_argument("--device", default=None,
+                        help="torch device (default: cuda if available, else cpu; with --cluster: in each job)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_cluster_arguments(parser)  # --cluster slurm|local|debug|none (default none: this process) + resources
 
 
-def run(args: argparse.Namespace) -> int:
-    from sampling.generate import Shard, default_device, load_models, parse_budgets
-    from sampling.report import EvalSettings, Evaluation
-    from tokenizer.core.paths import runs_dir
-
-    try:
-        spec = load_config(DataSpec, args.config, args.overrides)
-        shard = Shard.parse(args.shard)
-        device = args.device or default_device()
-        models = load_models(args.tokenizer, args.prior, device)
-        budgets = parse_budgets(args.budgets, models.tokenizer.budgets, allow_adaptive=False)
-        settings = EvalSettings(budgets=tuple(int(b) for b in budgets), num_images=args.num_images,
-                                split=args.split, protocol=args.protocol, cfg_scale=args.cfg,
-                                temperature=args.temperature, steps=args.steps, seed=args.seed,
-                                adaptive_threshold=args.adaptive_threshold, chunk_size=args.batch_size)
-        evaluation = Evaluation(models, spec.data, settings, device=device, progress=not args.no_progress,
-                                tokens=args.tokens)
-        name = models.tokenizer_tag + (f"+{models.prior_tag}" if models.prior is not None else "")
-        out = Path(args.out) if args.out else runs_dir() / "eval" / name
-        report = evaluation.run(out, shard)
-    except (ConfigError, DataError, ValueError, KeyError, FileNotFoundError, CheckpointError) as e:
-        print(f"alit eval: {e}", file=sys.stderr)
-        return 2
-    if report is None:
-        return 0
+def print_report_table(report: dict[str, Any], out: str | Path) -> None:
+    """The numbers of a report as the table ``alit eval`` prints (local and job runs alike)."""
     print(f"[eval] {out}")
     print("budget    rFID    gFID      L1   LPIPS")
     for e in report["budgets"]:
@@ -89,4 +93,95 @@ def run(args: argparse.Namespace) -> int:
     if a is not None:
         gfid = f"{a['gfid']:7.2f}" if a["gfid"] is not None else "      -"
         print(f"  TSC {a['rfid']:7.2f} {gfid} {a['l1']:7.4f} {a['lpips']:7.4f}  (mean {a['mean_tokens']:.1f} tokens)")
+
+
+def _flag_problem(args: argparse.Namespace, slurm_overrides: list[str]) -> str | None:
+    """Why the flags do not go together, or None."""
+    if args.cluster == "none":
+        given = cluster_flags_given(args) + slurm_overrides + (["--shards"] if args.shards is not None else [])
+        if given:
+            return f"{' '.join(given)} only apply to jobs: add --cluster slurm (or local/debug)"
+        return None
+    if args.shard is not None:
+        return ("--shard i/n runs one shard in this process and cannot be combined with --cluster: "
+                "use --shards N to split every budget into N array tasks")
+    if args.shards is not None and args.shards < 1:
+        return f"--shards must be >= 1, got {args.shards}"
+    if args.no_wait and args.cluster != "slurm":
+        return ("--no-wait needs --cluster slurm (local and debug jobs have no dependencies: the merge job is "
+                "submitted after the array has finished, so this command must wait)")
+    return None
+
+
+def run(args: argparse.Namespace) -> int:
+    from sampling.generate import Shard, default_device, load_models, parse_budgets
+    from sampling.report import EvalSettings, Evaluation
+    from tokenizer.core.paths import runs_dir
+
+    from .eval_jobs import EvalRequest
+
+    overrides, slurm_overrides = split_slurm_overrides(list(getattr(args, "overrides", []) or []))
+    problem = _flag_problem(args, slurm_overrides)
+    if problem:
+        print(f"alit eval: {problem}", file=sys.stderr)
+        return 2
+    jobs = args.cluster != "none"
+    try:
+        spec = load_config(DataSpec, args.config, overrides)
+        shard = Shard.parse(args.shard or "0/1")
+        slurm = slurm_config_from_args(args, slurm_overrides) if jobs else None
+        if slurm is not None and slurm.num_tasks > 1:
+            raise ValueError(f"each evaluation job is one process, not {slurm.num_tasks} (--nodes/--tasks): "
+                             "spread the work with --shards N instead")
+        # with jobs this process only plans (on the CPU); each job picks its own device
+        device = "cpu" if jobs else (args.device or default_device())
+        models = load_models(args.tokenizer, args.prior, device)
+        budgets = parse_budgets(args.budgets, models.tokenizer.budgets, allow_adaptive=False)
+        settings = EvalSettings(budgets=tuple(int(b) for b in budgets), num_images=args.num_images,
+                                split=args.split, protocol=args.protocol, cfg_scale=args.cfg,
+                                temperature=args.temperature, steps=args.steps, seed=args.seed,
+                                adaptive_threshold=args.adaptive_threshold, chunk_size=args.batch_size)
+        name = models.tokenizer_tag + (f"+{models.prior_tag}" if models.prior is not None else "")
+        out = Path(args.out) if args.out else runs_dir() / "eval" / name
+        if jobs:  # the plan is made here (bad input fails before anything is queued); the jobs rebuild it
+            request = EvalRequest.from_parts(args.tokenizer, args.prior, spec.data, settings, args.tokens,
+                                             args.device)
+            return _run_jobs(args, request, request.build(device, models=models), out, slurm)
+        evaluation = Evaluation(models, spec.data, settings, device=device, progress=not args.no_progress,
+                                tokens=args.tokens)
+        report = evaluation.run(out, shard)
+    except (ConfigError, DataError, ValueError, KeyError, FileNotFoundError, CheckpointError) as e:
+        print(f"alit eval: {e}", file=sys.stderr)
+        return 2
+    if report is None:
+        return 0
+    print_report_table(report, out)
+    return 0
+
+
+def _run_jobs(args: argparse.Namespace, request: EvalRequest, evaluation: Evaluation, out: Path,
+              slurm: SlurmConfig | None) -> int:
+    """Submit the evaluation as jobs; wait and print the table, or (``--no-wait``) print the job ids."""
+    from .eval_jobs import describe_tasks, submit_evaluation
+
+    shards = args.shards or 1
+    try:
+        sub = submit_evaluation(request, evaluation, shards=shards, out=out, slurm=slurm, cluster=args.cluster)
+    except ClusterError as e:
+        print(f"alit eval: {e}", file=sys.stderr)
+        return 2
+    merge = f"merge job {sub.merge.job_id} (after the array succeeds)" if sub.merge is not None else \
+        "the merge job once the array has succeeded"
+    print(f"[eval] submitted array {sub.array_id} ({args.cluster}; {describe_tasks(sub.tasks, shards)}) and "
+          f"{merge}; logs: {out.absolute() / 'slurm'}", file=sys.stderr, flush=True)
+    if args.no_wait:  # only on Slurm, where the merge job is queued already
+        print(sub.array_id)
+        print(sub.merge.job_id if sub.merge is not None else "")
+        return 0
+    try:
+        report = sub.wait()
+    except SlurmJobError as e:
+        print(f"alit eval: {e}", file=sys.stderr)
+        return 1
+    print_report_table(report, out)
     return 0
