@@ -2,14 +2,14 @@
 
 Tokenizer shapes (:data:`TOKENIZER_SHAPES`):
 
-- ``small_cpu``: the demo's tokenizer, ALIT ``small_cpu`` (width 96, 1 layer, 4 tokens x 8 iterations,
+- ``small_cpu``: the demo's tokenizer, ALIT ``small_cpu`` (width 96, 1 layer, 8 tokens x 4 iterations,
   1024 x 12 codebook) over BaseVQ ``tiny`` (64 px, 8x8 grid).
 - ``public_shape``: the public token layout at a small width: 32 tokens x 8 iterations (budgets 32..256)
   over a 16x16 grid (BaseVQ ``tiny`` with one level less: 64 px, 4x down), ALIT width 128, 2 layers,
   4096 x 12 codebook. Encoder sequences grow to 1 + 256 + 256 tokens, so running only the iterations a
   budget needs matters most here.
 
-Priors: MaskGIT / AR with width 128, depth 3, 4 heads, K = 1024, 4 tokens x 8 budgets, 10 classes (the demo's
+Priors: MaskGIT / AR with width 128, depth 3, 4 heads, K = 1024, 8 tokens x 4 budgets, 10 classes (the demo's
 emoji priors), and for the KV cache also the public layout (32 x 8, up to 256 tokens).
 The priors' output heads are zero at initialisation (uniform predictions), which would make every
 output comparison trivially equal; :func:`build_prior` re-draws the head N(0, 0.02) so logits depend on
@@ -48,15 +48,15 @@ class TokenizerShape:
 
 
 TOKENIZER_SHAPES: dict[str, TokenizerShape] = {
-    "small_cpu": TokenizerShape("small_cpu", what="demo size: ALIT small_cpu (W96, 4 tok x 8 it) over BaseVQ tiny 8x8"),
+    "small_cpu": TokenizerShape("small_cpu", what="demo size: ALIT small_cpu (W96, 8 tok x 4 it) over BaseVQ tiny 8x8"),
     "public_shape": TokenizerShape(
         "public_shape", base={"block_out_channels": [16, 32, 64]},
         alit={"width": 128, "depth": 2, "heads": 4, "tokens_per_iter": 32, "codebook_size": 4096},
         what="public layout (32 tok x 8 it, 16x16 grid) at width 128, depth 2"),
 }
 
-PRIOR_SHAPE: dict[str, Any] = {"width": 128, "depth": 3, "heads": 4, "codebook_size": 1024, "tokens_per_iter": 4,
-                               "num_budgets": 8, "num_classes": 10}
+PRIOR_SHAPE: dict[str, Any] = {"width": 128, "depth": 3, "heads": 4, "codebook_size": 1024, "tokens_per_iter": 8,
+                               "num_budgets": 4, "num_classes": 10}
 PRIOR_PUBLIC_LAYOUT: dict[str, Any] = {**PRIOR_SHAPE, "codebook_size": 4096, "tokens_per_iter": 32}
 
 

@@ -135,6 +135,34 @@ def test_encode_matches_forward_and_decode(tok: ALITTokenizer, images: torch.Ten
     torch.testing.assert_close(tok.decode_logits(ids), out.at(2).logits, atol=1e-4, rtol=1e-4)
 
 
+def test_reinjected_2d_tokens(tok: ALITTokenizer, images: torch.Tensor) -> None:
+    """With reinject_2d every iteration reads the embedded [class; 2D] tokens afresh (halted cells masked),
+    the latents are still refined across iterations, and encode / forward / encode_adaptive agree."""
+    cfg = ALITConfig(**{**tok.config.__dict__, "reinject_2d": True})
+    alit = ALIT(cfg).eval()
+    alit.load_state_dict(tok.alit.state_dict())  # same keys: the option adds no parameters
+    re = ALITTokenizer(alit, tok.base)
+    feats = tok.base.encode_features(images)
+    n = cfg.num_cells
+    with torch.no_grad():
+        state = alit.embed(images, feats)
+        first = alit.step(state)
+        seen: list[torch.Tensor] = []
+        hook = alit.encoder.register_forward_pre_hook(lambda _m, args: seen.append(args[0][:, :1 + n].clone()))
+        second = alit.step(first)
+        hook.remove()
+        torch.testing.assert_close(seen[0], state.seq)  # nothing halted yet: exactly the embedding
+        assert not torch.allclose(first.seq[:, :1 + n], state.seq)  # carried would have read these instead
+        out = alit(images, feats, supervise=[2])
+    assert second.seq.shape[1] == 1 + n + 2 * cfg.tokens_per_iter
+    ids = re.encode(images, 12)
+    assert torch.equal(out.at(2).ids, ids)
+    assert not torch.equal(ids, tok.encode(images, 12))  # the option changes the code
+    ids_a, lengths = re.encode_adaptive(images, 0.0)  # all iterations; select() keeps the inputs per image
+    for i, k in enumerate(lengths.tolist()):
+        assert torch.equal(ids_a[i, :k], re.encode(images[i:i + 1], k)[0])
+
+
 def test_deterministic(tok: ALITTokenizer, images: torch.Tensor, tmp_path: Path) -> None:
     assert torch.equal(tok.encode(images, 8), tok.encode(images, 8))
     assert torch.equal(tok.decode(tok.encode(images, 8)), tok.decode(tok.encode(images, 8)))
