@@ -9,7 +9,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from tokenizer.core.attention import attention, xformers_available
+from tokenizer.core.attention import attention, xformers_available, xformers_usable
 
 from .report import Report
 from .timing import Settings, compare, measure, ratio
@@ -93,6 +93,8 @@ def bench_cuda_attention(settings: Settings, report: Report) -> None:
         why = "needs a CUDA device (this run is on CPU)"
     elif not xformers_available():
         why = "xformers is not installed"
+    elif not xformers_usable(dev):
+        why = "xformers imports but has no kernels for this GPU/torch (SDPA is used)"
     if not why:
         try:
             _cuda_attention(settings, report, keys)

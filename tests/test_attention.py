@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from tokenizer.core.attention import attention, packed_mask
+from tokenizer.core.attention import _probe, attention, packed_mask, xformers_usable
 
 
 def reference(q, k, v, allowed):  # plain softmax attention with a bool (.., Lq, Lk) mask
@@ -74,6 +74,8 @@ def test_bad_arguments() -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: xformers kernels run only on GPU")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_xformers_matches_sdpa_on_cuda(dtype: torch.dtype) -> None:
+    if not xformers_usable("cuda"):
+        pytest.skip(f"xformers has no CUDA kernels here ({_probe(torch.device('cuda', 0))}); SDPA is used")
     q, k, v = _qkv(2, 4, 33, 33, 64, device="cuda", dtype=dtype, seed=3)
     key_mask = (torch.arange(33, device="cuda")[None] < torch.tensor([33, 20], device="cuda")[:, None])
     for kwargs in ({}, {"causal": True}, {"key_mask": key_mask}):
@@ -85,3 +87,33 @@ def test_xformers_matches_sdpa_on_cuda(dtype: torch.dtype) -> None:
         a = attention(qp, kp, vp, seqlens=[10, 15, 5], causal=causal, backend="xformers")
         b = attention(qp, kp, vp, seqlens=[10, 15, 5], causal=causal, backend="sdpa")
         torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)
+
+
+def test_xformers_without_kernels_falls_back_to_sdpa(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An xformers that imports but cannot run (no kernels for this torch/GPU) is probed once, warned about
+    with the reason and the fix, and not used; a working one is used."""
+    import tokenizer.core.attention as attn
+
+    class Broken:
+        calls = 0
+
+        @classmethod
+        def memory_efficient_attention(cls, *args: object) -> None:
+            cls.calls += 1
+            raise NotImplementedError("No operator found for `memory_efficient_attention_forward`\n details")
+
+    class Working:
+        @staticmethod
+        def memory_efficient_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            return q
+
+    monkeypatch.setattr(attn, "_xformers_ops", lambda: Broken)
+    attn._probe.cache_clear()
+    monkeypatch.setattr(attn, "_warned", set())
+    with pytest.warns(RuntimeWarning, match="No operator found.*using PyTorch SDPA"):
+        assert not attn.xformers_usable("cpu")
+    assert not attn.xformers_usable("cpu") and Broken.calls == 1  # probed once per device
+    attn._probe.cache_clear()
+    monkeypatch.setattr(attn, "_xformers_ops", lambda: Working)
+    assert attn.xformers_usable("cpu")
+    attn._probe.cache_clear()

@@ -3,7 +3,10 @@
 Shapes: ``q, k, v`` are ``(B, H, L, D)`` (the SDPA layout). On CUDA the kernel is xformers'
 ``memory_efficient_attention`` (layout ``(B, L, H, D)``, converted here); elsewhere, or for what
 xformers cannot take, it is ``torch.nn.functional.scaled_dot_product_attention``. The choice is made
-from the tensors' device, never from whether ``import xformers`` succeeds.
+from the tensors' device, never from whether ``import xformers`` succeeds alone: xformers can import
+and still have no CUDA kernels (PyPI's xformers 0.0.35 wheel beside torch 2.11 on an H200 raised
+"xFormers wasn't build with CUDA support" for every operator), so :func:`xformers_usable` runs one tiny
+call per device first and falls back to SDPA with a warning that says what to install.
 
 Masks (at most one of ``key_mask`` and ``seqlens``):
 - ``key_mask``: bool ``(B, Lk)``, True where a key is real; padded keys get no attention weight.
@@ -16,6 +19,7 @@ Masks (at most one of ``key_mask`` and ``seqlens``):
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Sequence
 from typing import Literal
 
@@ -35,8 +39,41 @@ def _xformers_ops():
 
 
 def xformers_available() -> bool:
-    """True when xformers imports (its kernels still need CUDA tensors)."""
+    """True when xformers imports (its kernels still need CUDA tensors; see :func:`xformers_usable`)."""
     return _xformers_ops() is not None
+
+
+@functools.cache
+def _probe(device: torch.device) -> str | None:
+    """None when xformers' memory-efficient attention runs on ``device``, else why not."""
+    xops = _xformers_ops()
+    if xops is None:
+        return "xformers does not import"
+    try:
+        x = torch.zeros(1, 8, 1, 64, device=device, dtype=torch.float16)  # (B, L, H, D)
+        xops.memory_efficient_attention(x, x, x)
+    except Exception as e:  # NotImplementedError when the build has no kernels for this device
+        return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+    return None
+
+
+def xformers_usable(device: torch.device | str) -> bool:
+    """True when xformers' kernels run on ``device`` (probed once per device). When they do not, warn once
+    (with the reason and the fix) and let :func:`attention` use SDPA there."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    first = device not in _warned
+    reason = _probe(device)
+    if reason is not None and first and xformers_available():
+        _warned.add(device)
+        warnings.warn(f"attention: xformers imports but does not run on {device} ({reason}); using PyTorch "
+                      f"SDPA there. Install an xformers build with kernels for torch {torch.__version__} and "
+                      "this GPU to use it", RuntimeWarning, stacklevel=3)
+    return reason is None
+
+
+_warned: set[torch.device] = set()
 
 
 def packed_mask(seqlens: Sequence[int], causal: bool, device: torch.device) -> torch.Tensor:
@@ -127,9 +164,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_mask: to
                              f"length is {q.shape[-2]}")
     if key_mask is not None and key_mask.dtype != torch.bool:
         raise TypeError(f"attention: key_mask must be bool (True = real key), got {key_mask.dtype}")
-    use_xformers = backend == "xformers" or (backend == "auto" and q.is_cuda and xformers_available())
+    use_xformers = backend == "xformers" or (backend == "auto" and q.is_cuda and xformers_usable(q.device))
     if use_xformers:
         if not q.is_cuda:
             raise RuntimeError("attention: the xformers backend needs CUDA tensors; use backend='sdpa' on CPU")
+        if not xformers_available():
+            raise RuntimeError("attention: backend='xformers' but xformers does not import here; "
+                               "pip install xformers (see pyproject.toml) or use backend='auto'/'sdpa'")
         return _xformers(q, k, v, key_mask, seqlens, causal)
     return _sdpa(q, k, v, key_mask, seqlens, causal)
