@@ -68,6 +68,7 @@ def required_keys() -> tuple[str, ...]:
     keys += ["flops.tokenizer_step.small_cpu.batch_gain", "ar.kv_cache.small", "ar.kv_cache.public",
              "maskgit.images_per_s.fp32", "maskgit.images_per_s.bf16", "bf16.speedup.maskgit_sampling",
              "packing.forward.b16", "packing.train_step.b16", "packing.forward.b64", "packing.train_step.b64",
+             "packing.forward.public.b16", "packing.train_step.public.b16",
              "flops.prior_step.maskgit.fp32", "flops.prior_step.maskgit.bf16", "bf16.speedup.prior_step",
              "bf16.quality.maskgit_logit_maxabs", "bf16.quality.maskgit_argmax_agreement",
              "bf16.quality.ar_logit_maxabs", "bf16.quality.ar_argmax_agreement",

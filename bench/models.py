@@ -51,13 +51,14 @@ TOKENIZER_SHAPES: dict[str, TokenizerShape] = {
     "small_cpu": TokenizerShape("small_cpu", what="demo size: ALIT small_cpu (W96, 8 tok x 4 it) over BaseVQ tiny 8x8"),
     "public_shape": TokenizerShape(
         "public_shape", base={"block_out_channels": [16, 32, 64]},
-        alit={"width": 128, "depth": 2, "heads": 4, "tokens_per_iter": 32, "codebook_size": 4096},
+        alit={"width": 128, "depth": 2, "heads": 4, "tokens_per_iter": 32, "num_iters": 8, "codebook_size": 4096,
+              "reinject_2d": False},
         what="public layout (32 tok x 8 it, 16x16 grid) at width 128, depth 2"),
 }
 
 PRIOR_SHAPE: dict[str, Any] = {"width": 128, "depth": 3, "heads": 4, "codebook_size": 1024, "tokens_per_iter": 8,
                                "num_budgets": 4, "num_classes": 10}
-PRIOR_PUBLIC_LAYOUT: dict[str, Any] = {**PRIOR_SHAPE, "codebook_size": 4096, "tokens_per_iter": 32}
+PRIOR_PUBLIC_LAYOUT: dict[str, Any] = {**PRIOR_SHAPE, "codebook_size": 4096, "tokens_per_iter": 32, "num_budgets": 8}
 
 
 def build_tokenizer(shape: str, device: torch.device | str, seed: int = 0) -> ALITTokenizer:

@@ -117,29 +117,36 @@ def _maskgit_train_step(model: MaskGIT, opt: torch.optim.Optimizer, batch: tuple
 
 
 def bench_packing(settings: Settings, report: Report) -> None:
-    """A mixed-budget MaskGIT batch run packed (``packed=True``) vs padded to the longest budget."""
+    """A mixed-budget MaskGIT batch run packed (``packed=True``) vs padded to the longest budget: the demo's
+    prior (8 x 4 budgets) at batch 16 and 64, and the public layout (32 x 8 budgets, up to 256 tokens) at 16."""
     dev = settings.torch_device
-    model: MaskGIT = build_prior("maskgit", dev, settings.seed)  # type: ignore[assignment]
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    for size in (16, 64):  # the tokenizer's and the prior's CPU training batches
+    cases = [("", PRIOR_SHAPE, 16), ("", PRIOR_SHAPE, 64), ("public.", PRIOR_PUBLIC_LAYOUT, 16)]
+    models: dict[str, MaskGIT] = {}
+    for tag, shape, size in cases:
+        if tag not in models:
+            models[tag] = build_prior("maskgit", dev, settings.seed, **shape)  # type: ignore[assignment]
+        model = models[tag]
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
         batch = mixed_budget_batch(model, size, settings.seed, dev)
         ids, lengths, _ = batch
         real = float(lengths.sum()) / (size * model.space.max_budget)
         model.eval()
         with torch.no_grad():
-            fwd = compare({"padded": lambda b=batch: model(*b), "packed": lambda b=batch: model(*b, packed=True)},
-                          settings)
+            fwd = compare({"padded": lambda b=batch, m=model: m(*b),
+                           "packed": lambda b=batch, m=model: m(*b, packed=True)}, settings)
         diff = float((fwd["padded"].result - fwd["packed"].result)[ids >= 0].abs().max())
-        report.check(f"packing.b{size}.same_logits", diff < 1e-4,
+        report.check(f"packing.{tag}b{size}.same_logits", diff < 1e-4,
                      f"max |packed - padded| logits at real slots, batch {size}: {diff:.1e}")
         model.train()
-        step = compare({"padded": lambda b=batch: _maskgit_train_step(model, opt, b, False),
-                        "packed": lambda b=batch: _maskgit_train_step(model, opt, b, True)}, settings)
+        step = compare({"padded": lambda b=batch, m=model, o=opt: _maskgit_train_step(m, o, b, False),
+                        "packed": lambda b=batch, m=model, o=opt: _maskgit_train_step(m, o, b, True)}, settings)
         model.eval()
+        layout = ("public layout, 32 tok x 8 budgets" if tag else
+                  f"{PRIOR_SHAPE['tokens_per_iter']} tok x {PRIOR_SHAPE['num_budgets']} budgets")
         for name, tim in (("forward", fwd), ("train_step", step)):
-            report.add(f"packing.{name}.b{size}", ratio(tim["padded"], tim["packed"]), "x", GROUP_PACK,
-                       f"MaskGIT {name.replace('_', ' ')}, {size} sequences of mixed budgets ({real:.0%} of the "
-                       "padded slots real): padded time / packed time",
+            report.add(f"packing.{name}.{tag}b{size}", ratio(tim["padded"], tim["packed"]), "x", GROUP_PACK,
+                       f"MaskGIT {name.replace('_', ' ')} ({layout}), {size} sequences of mixed budgets "
+                       f"({real:.0%} of the padded slots real): padded time / packed time",
                        note="" if dev.type == "cuda" else "CPU: packed attention runs one SDPA batch per sequence length",
                        real_fraction=real, padded=tim["padded"].to_json(), packed=tim["packed"].to_json())
 
