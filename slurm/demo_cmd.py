@@ -3,6 +3,7 @@
     alit demo                      # about half an hour on 2 CPU cores; re-running reuses finished stages
     alit demo --fresh              # start over
     alit demo --config configs/demo/emoji_cpu.yaml eval.num_images=64
+    alit demo --config configs/demo/imagenet_gpu.yaml data.source=/data/imagenet/train --cluster slurm --gpus 1
 
 Stages: base VQ -> ALIT distill -> ALIT finetune (LPIPS + GAN) -> token cache -> MaskGIT prior ->
 rFID/gFID/L1/LPIPS per token count and token-count selection -> report.html (see slurm/pipeline.py).
@@ -11,11 +12,28 @@ rFID/gFID/L1/LPIPS per token count and token-count selection -> report.html (see
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
+from typing import TYPE_CHECKING
 
-from tokenizer.core.config import ConfigError, load_config
+from tokenizer.core.config import ConfigError, load_config, to_dict
 
-TAKES_OVERRIDES = True  # dotted key=value overrides of the DemoConfig
+from .launcher import (
+    ClusterError,
+    JobSpec,
+    SlurmJobError,
+    add_cluster_arguments,
+    cluster_flags_given,
+    slurm_config_from_args,
+    split_slurm_overrides,
+    submit,
+    wait_with_errors,
+)
+
+if TYPE_CHECKING:
+    from .pipeline import DemoConfig
+
+TAKES_OVERRIDES = True  # dotted key=value overrides of the DemoConfig (slurm.key=value: the job's resources)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -23,15 +41,61 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default="configs/demo/emoji_cpu.yaml", help="a DemoConfig YAML")
     parser.add_argument("--fresh", action="store_true", help="delete the demo directory and start over")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    add_cluster_arguments(parser)  # --cluster slurm|local|debug: the whole pipeline as one requeueable job
 
 
 def run(args: argparse.Namespace) -> int:
     from slurm.pipeline import DemoConfig, run_demo
 
+    overrides, slurm_overrides = split_slurm_overrides(args.overrides)
+    if args.cluster == "none" and (slurm_overrides or cluster_flags_given(args)):
+        given = " ".join(cluster_flags_given(args) + slurm_overrides)
+        print(f"alit demo: {given} only apply to a job: add --cluster slurm (or local/debug)", file=sys.stderr)
+        return 2
     try:
-        cfg = load_config(DemoConfig, args.config, args.overrides)
+        cfg = load_config(DemoConfig, args.config, overrides)
     except ConfigError as e:
         print(f"alit demo: {e}", file=sys.stderr)
         return 2
+    if args.cluster != "none":
+        return _submit(cfg, args, slurm_overrides)
     run_demo(cfg, fresh=args.fresh, device=args.device)
+    return 0
+
+
+def _submit(cfg: DemoConfig, args: argparse.Namespace, slurm_overrides: list[str]) -> int:
+    """The pipeline as one job (logs under ``<demo dir>/slurm/<job id>``); wait for it unless --no-wait."""
+    from .pipeline import for_job
+
+    if args.no_wait and args.cluster == "debug":
+        print("alit demo: --no-wait needs --cluster slurm or local (a debug job runs in this process)",
+              file=sys.stderr)
+        return 2
+    try:
+        slurm = slurm_config_from_args(args, slurm_overrides)
+    except ValueError as e:
+        print(f"alit demo: {e}", file=sys.stderr)
+        return 2
+    cfg = for_job(cfg)
+    root = cfg.root()
+    if args.fresh and root.exists():  # here, not in the job: a requeued job must continue, not start over
+        print(f"[demo] --fresh: removing {root}", file=sys.stderr)
+        shutil.rmtree(root)
+    spec = JobSpec("slurm.pipeline:run_demo_job", {"config": to_dict(cfg), "device": args.device})
+    try:
+        job = submit(spec, run_dir=root, cfg=slurm, cluster=args.cluster)
+    except ClusterError as e:
+        print(f"alit demo: {e}", file=sys.stderr)
+        return 2
+    print(f"[demo] submitted job {job.job_id} ({args.cluster}); demo directory: {root}; "
+          f"logs: {job.paths.stderr.parent}", file=sys.stderr, flush=True)
+    if args.no_wait:
+        print(job.job_id)
+        return 0
+    try:
+        [page] = wait_with_errors([job])
+    except SlurmJobError as e:
+        print(f"alit demo: {e}", file=sys.stderr)
+        return 1
+    print(f"demo job {job.job_id} finished; report: {page}")
     return 0

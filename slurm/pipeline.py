@@ -5,7 +5,9 @@ Every stage writes into its own folder under the demo directory and is skipped w
 (its export or manifest exists), so a re-run continues where the last one stopped; ``fresh=True``
 starts over. Stages are the same library calls as the ``alit train``/``tokenize``/``eval`` commands,
 configured by the YAML files a :class:`DemoConfig` names, so the same pipeline runs on a GPU by pointing
-it at other configs (``alit demo --config configs/demo/<yours>.yaml``).
+it at other configs (``alit demo --config configs/demo/imagenet_gpu.yaml data.source=...``), and as one
+Slurm job with ``--cluster slurm`` (:func:`run_demo_job`): a preempted or timed-out job is requeued and
+continues, finished stages reused and the interrupted training resumed from its last checkpoint.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tokenizer.core.config import load_config, save_config
+from tokenizer.core.config import from_dict, load_config, save_config
 from tokenizer.core.data import DataConfig
 from tokenizer.core.paths import alit_home
 
@@ -146,3 +148,24 @@ def run_demo(cfg: DemoConfig, fresh: bool = False, device: str | None = None) ->
     print(f"demo finished in {total / 60:.1f} min: rFID {report['budgets'][0]['rfid']:.1f} -> {best['rfid']:.1f} "
           f"from {report['budgets'][0]['budget']} to {best['budget']} tokens; report: {page}")
     return page
+
+
+def for_job(cfg: DemoConfig) -> DemoConfig:
+    """``cfg`` with every path absolute (the demo directory, the stage configs, a data folder): a job may
+    start in another directory."""
+    def absolute(path: str) -> str:
+        p = Path(path).expanduser()
+        return str(p.absolute()) if p.exists() else path
+
+    cfg.out = str(cfg.root().expanduser().absolute())
+    for spec in (cfg.vq, cfg.distill, cfg.finetune, cfg.prior):
+        spec.config = absolute(spec.config)
+    cfg.data.source = absolute(cfg.data.source)
+    return cfg
+
+
+def run_demo_job(config: dict, device: str | None = None) -> str:
+    """Job entry of ``alit demo --cluster ...``: run or continue the pipeline of ``config`` (a ``DemoConfig`` as
+    a dict, paths absolute); returns the report page's path. ``--fresh`` is applied before submitting, never
+    here, so a requeued job continues instead of starting over."""
+    return str(run_demo(from_dict(DemoConfig, config), fresh=False, device=device))

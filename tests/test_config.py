@@ -91,3 +91,15 @@ def test_free_form_dicts_take_new_keys_but_typed_nodes_do_not() -> None:
     assert cfg.overrides == {"width": 96, "depth": 2}
     with pytest.raises(ConfigError, match=r"inner\.nope"):
         load_config(WithFree, None, ["inner.nope=1"])
+
+
+def test_required_keys_marked_in_the_file_must_be_given(tmp_path: Path) -> None:
+    """`key: ???` in a YAML means "the command must set it": OmegaConf alone would keep the schema default
+    (a forgotten data.source would silently train on the default dataset)."""
+    (tmp_path / "gpu.yaml").write_text("name: ???\ninner:\n  lr: ???\n  steps: 5\n")
+    with pytest.raises(ConfigError, match=r"inner\.lr, name must be given .*inner\.lr=\.\.\. name=\.\.\."):
+        load_config(Outer, tmp_path / "gpu.yaml")
+    with pytest.raises(ConfigError, match=r"name must be given"):
+        load_config(Outer, tmp_path / "gpu.yaml", ["inner.lr=0.1"])
+    cfg = load_config(Outer, tmp_path / "gpu.yaml", ["inner.lr=0.1", "name=run"])
+    assert (cfg.name, cfg.inner.lr, cfg.inner.steps) == ("run", 0.1, 5)

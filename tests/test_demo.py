@@ -42,3 +42,23 @@ def test_demo_runs_every_stage_then_reuses_them(tmp_path: Path, capsys: pytest.C
     err = capsys.readouterr().err
     assert err.count(": reused (finished earlier") == 5
     assert "reused cached features" in err
+
+
+def test_demo_as_a_job_then_reused_here(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`alit demo --cluster local`: the whole pipeline runs as one submitit job in another process (paths made
+    absolute, logs under the demo directory); running the demo here afterwards reuses every stage it wrote."""
+    out = tmp_path / "demo"
+    assert alit(["demo", f"out={out}", *TINY, "--cluster", "local", "--cpus", "2", "--fresh"]) == 0
+    captured = capsys.readouterr()
+    page = Path(re.search(r"report: (\S+report\.html)", captured.out).group(1))
+    assert page.is_file() and page.parent == out / "report"
+    job_logs = list((out / "slurm").glob("*/*_log.err"))
+    assert job_logs and "run_demo_job" in job_logs[0].read_text()
+    assert alit(["demo", f"out={out}", *TINY]) == 0
+    assert capsys.readouterr().err.count(": reused (finished earlier") == 5
+
+
+def test_demo_cluster_flags_need_a_cluster(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert alit(["demo", f"out={tmp_path / 'demo'}", "--gpus", "1"]) == 2
+    assert "--gpus only apply to a job" in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists()

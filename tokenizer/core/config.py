@@ -93,19 +93,32 @@ def _structured(schema: type[Any]) -> DictConfig:
     return base
 
 
+_UNSET = object()
+
+
 def load_config(schema: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
     """Build a validated ``schema`` instance from its defaults, a YAML file and dotted overrides."""
     base = _structured(schema)
     merged = base
+    required: set[str] = set()
     try:
         if path is not None:
-            merged = OmegaConf.merge(merged, _read_yaml(Path(path)))
+            text = _read_yaml(Path(path))
+            required = set(OmegaConf.missing_keys(text))  # `key: ???` in the file: must come from an override
+            merged = OmegaConf.merge(merged, text)
     except OmegaConfBaseException as e:
         raise _explain(e, f"config {path}") from None
     try:
-        merged = OmegaConf.merge(merged, parse_overrides(overrides))
+        given = parse_overrides(overrides)
+        merged = OmegaConf.merge(merged, given)
     except OmegaConfBaseException as e:
         raise _explain(e, "command-line override") from None
+    # OmegaConf keeps the schema default where a file says ???: without this a forgotten data.source would
+    # silently train on the default dataset
+    unset = sorted(k for k in required if OmegaConf.select(given, k, default=_UNSET) is _UNSET)
+    if unset:
+        raise ConfigError(f"config {path}: {', '.join(unset)} must be given (the file says ???): add "
+                          + " ".join(f"{k}=..." for k in unset) + " to the command")
     try:
         obj = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
