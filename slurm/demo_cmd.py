@@ -19,15 +19,12 @@ from typing import TYPE_CHECKING
 from tokenizer.core.config import ConfigError, load_config, to_dict
 
 from .launcher import (
-    ClusterError,
     JobSpec,
-    SlurmJobError,
     add_cluster_arguments,
     cluster_flags_given,
     slurm_config_from_args,
     split_slurm_overrides,
-    submit,
-    wait_with_errors,
+    submit_and_wait,
 )
 
 if TYPE_CHECKING:
@@ -82,20 +79,7 @@ def _submit(cfg: DemoConfig, args: argparse.Namespace, slurm_overrides: list[str
         print(f"[demo] --fresh: removing {root}", file=sys.stderr)
         shutil.rmtree(root)
     spec = JobSpec("slurm.pipeline:run_demo_job", {"config": to_dict(cfg), "device": args.device})
-    try:
-        job = submit(spec, run_dir=root, cfg=slurm, cluster=args.cluster)
-    except ClusterError as e:
-        print(f"alit demo: {e}", file=sys.stderr)
-        return 2
-    print(f"[demo] submitted job {job.job_id} ({args.cluster}); demo directory: {root}; "
-          f"logs: {job.paths.stderr.parent}", file=sys.stderr, flush=True)
-    if args.no_wait:
-        print(job.job_id)
-        return 0
-    try:
-        [page] = wait_with_errors([job])
-    except SlurmJobError as e:
-        print(f"alit demo: {e}", file=sys.stderr)
-        return 1
-    print(f"demo job {job.job_id} finished; report: {page}")
-    return 0
+    rc, page = submit_and_wait("demo", spec, run_dir=root, cfg=slurm, cluster=args.cluster, no_wait=args.no_wait)
+    if rc == 0 and page is not None:
+        print(f"demo job finished; report: {page}")
+    return rc

@@ -27,15 +27,13 @@ import submitit
 
 from tokenizer.core.config import from_dict, load_config, to_dict
 
-from .cluster import ClusterError
 from .launcher import (
     Cluster,
     JobSpec,
     SlurmConfig,
-    SlurmJobError,
     slurm_config_from_args,
     submit,
-    wait_with_errors,
+    submit_and_wait,
 )
 
 # target -> (module, config schema, train function)
@@ -169,20 +167,10 @@ def run_on_cluster(args: argparse.Namespace, target: str, cfg: Any, slurm_overri
         print("alit train: --no-wait needs --cluster slurm or local (debug jobs run in this process when "
               "waited for)", file=sys.stderr)
         return 2
-    try:
-        job = submit_training(target, cfg, slurm, args.cluster)
-    except ClusterError as e:
-        print(f"alit train: {e}", file=sys.stderr)
-        return 2
-    print(f"[train] submitted job {job.job_id} ({args.cluster}); run directory: {cfg.run_dir}; "
-          f"logs: {job.paths.stderr.parent}", file=sys.stderr, flush=True)
-    if args.no_wait:
-        print(job.job_id)
-        return 0
-    try:
-        [result] = wait_with_errors([job])
-    except SlurmJobError as e:
-        print(f"alit train: {e}", file=sys.stderr)
-        return 1
-    print(format_result(result[0] if isinstance(result, list) else result))
-    return 0
+    run_dir = Path(cfg.resolved_run_dir()).absolute()
+    cfg.run_dir = str(run_dir)
+    rc, result = submit_and_wait("train", training_spec(target, cfg), run_dir=run_dir, cfg=slurm,
+                                 cluster=args.cluster, no_wait=args.no_wait)
+    if rc == 0 and result is not None:
+        print(format_result(result[0] if isinstance(result, list) else result))
+    return rc

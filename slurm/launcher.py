@@ -294,6 +294,29 @@ def submit_array(specs: Sequence[JobSpec], *, run_dir: str | Path, cfg: SlurmCon
     return jobs
 
 
+def submit_and_wait(command: str, spec: JobSpec, *, run_dir: str | Path, cfg: SlurmConfig | None,
+                    cluster: Cluster, no_wait: bool = False) -> tuple[int, Any]:
+    """What ``alit <command> --cluster ...`` does with one job: submit ``spec``, say where its logs go, then
+    wait for it (or, with ``no_wait``, print its id). Returns (exit code, the job's result or None);
+    cluster problems and a failed job are printed as ``alit <command>: ...`` with their exit codes 2 and 1."""
+    try:
+        job = submit(spec, run_dir=run_dir, cfg=cfg, cluster=cluster)
+    except ClusterError as e:
+        print(f"alit {command}: {e}", file=sys.stderr)
+        return 2, None
+    print(f"[{command}] submitted job {job.job_id} ({cluster}); directory: {run_dir}; "
+          f"logs: {job.paths.stderr.parent}", file=sys.stderr, flush=True)
+    if no_wait:
+        print(job.job_id)
+        return 0, None
+    try:
+        [result] = wait_with_errors([job])
+    except SlurmJobError as e:
+        print(f"alit {command}: {e}", file=sys.stderr)
+        return 1, None
+    return 0, result
+
+
 def _tail(path: Path, n: int) -> str:
     try:
         lines = path.read_text(errors="replace").splitlines()
