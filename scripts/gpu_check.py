@@ -1,7 +1,7 @@
 """GPU smoke check: the CUDA paths CI (CPU only) cannot run, in a few minutes on one GPU.
 
     python scripts/gpu_check.py --out gpu_check/            # writes gpu_check/gpu_check.json, exits 1 on a failure
-    python scripts/gpu_check.py --device cpu --out /tmp/x   # the same script on CPU (what runs in CI's place)
+    python scripts/gpu_check.py --device cpu --out gpu_check_cpu/  # the same script on CPU (what runs in CI's place)
 
 Checks, each recorded with its figures (a failing check is recorded and the others still run):
 
