@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from tokenizer.alit import ALIT, ALITOutput, ALITTokenizer, IterationOutput
+from tokenizer.alit import ALIT, ALITOutput, ALITTokenizer
 from tokenizer.core.data import DataConfig
 from tokenizer.losses import ReconstructionLoss, ReconstructionLossConfig
 from tokenizer.train import DistillTask, Stage, TokenizerRunConfig, l1_01
@@ -62,25 +62,7 @@ def encode_all_iterations(tok: ALITTokenizer, images: Tensor, budget: int) -> Te
 
 def run_all_iterations(alit: ALIT, images: Tensor, features: Tensor, targets: Tensor, t: int) -> ALITOutput:
     """``ALIT.forward(..., supervise=[t])`` as the public code runs it: all iterations, ``t`` decoded."""
-    n_all = alit.config.num_iters
-    targets = targets.reshape(targets.shape[0], -1).long()  # (B, N)
-    state = alit.embed(images, features)
-    outputs: list[IterationOutput] = []
-    halted: list[Tensor] = []
-    for i in range(n_all):
-        halted.append(state.halted)
-        state = alit.step(state)
-        halt_next = alit.config.halting and i < n_all - 1
-        if i == t:
-            codes, ids, vq_loss = alit.bottleneck(state)
-            logits = alit.decode_logits(codes)
-            outputs.append(IterationOutput(i, logits, codes, ids, vq_loss))
-        elif halt_next:
-            with torch.no_grad():
-                logits = alit.decode_logits(alit.bottleneck(state)[0])
-        if halt_next:
-            state.halted = alit.update_halting(state.halted, logits, targets)
-    return ALITOutput(outputs, halted, n_all, targets)
+    return alit(images, features, targets=targets, iterations=alit.config.num_iters, supervise=[t])
 
 
 def forward_project(tok: ALITTokenizer, images: Tensor, t: int) -> ALITOutput:

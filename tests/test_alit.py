@@ -202,6 +202,10 @@ def test_supervising_t_runs_t_plus_1_iterations(tok: ALITTokenizer, images: torc
     assert [o.iteration for o in out.iterations] == [0, 2] and out.encoder_iterations == 3
     out = alit(images, feats, iterations=2)
     assert [o.iteration for o in out.iterations] == [1] and alit.last_encoder_iterations == 2
+    short = alit(images, feats, targets=targets, supervise=[1])
+    full = alit(images, feats, targets=targets, iterations=4, supervise=[1])  # the public code's way
+    assert full.encoder_iterations == 4 == alit.last_encoder_iterations and [o.iteration for o in full.iterations] == [1]
+    torch.testing.assert_close(full.at(1).logits, short.at(1).logits)  # later iterations change nothing before
     for bad in ([4], [-1], []):
         with pytest.raises(ValueError, match="supervise"):
             alit(images, feats, supervise=bad)

@@ -543,11 +543,13 @@ class ALIT(nn.Module):
             base_features: ``(B, Cb, G, G)`` the base tokenizer's continuous pre-quantization features.
             targets: ``(B, G, G)`` or ``(B, N)`` base indices; halting uses them when given, else the
                 decoder's own confidence.
-            iterations: without ``supervise``, supervise iteration ``iterations - 1`` (default: the last).
-            supervise: iterations (0-based) to decode; exactly ``max(supervise) + 1`` encoder iterations run.
+            iterations: encoder iterations to run; without ``supervise``, iteration ``iterations - 1`` is
+                supervised (default: the last).
+            supervise: iterations (0-based) to decode; ``max(supervise) + 1`` encoder iterations run unless
+                ``iterations`` asks for more (the public code's way, kept for comparisons).
         """
         steps = self._supervised(iterations, supervise)
-        n_run = steps[-1] + 1
+        n_run = max(steps[-1] + 1, iterations or 0)
         if targets is not None:
             targets = targets.reshape(targets.shape[0], -1).long()  # (B, N)
             if targets.shape != (images.shape[0], self.config.num_cells):
