@@ -18,7 +18,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -34,6 +33,7 @@ from slurm.launcher import (
     submit_array,
     wait_with_errors,
 )
+from tests.slurm_fixtures import wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = SlurmConfig(time_min=5, job_name="alit-test")  # <= 10 min: every USR2 counts as a timeout
@@ -100,14 +100,6 @@ def count_steps(state_file: str, total: int, step_s: float, own_handler: bool) -
 
 def spec(name: str, **kwargs: object) -> JobSpec:
     return JobSpec(f"tests.test_slurm:{name}", kwargs, pythonpath=(str(ROOT),))
-
-
-def wait_until(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
-    end = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(0.1)
 
 
 # ============================================================================ no cluster needed

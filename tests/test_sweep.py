@@ -13,8 +13,6 @@ import argparse
 import hashlib
 import json
 import os
-import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -37,6 +35,7 @@ from slurm.launcher import (
     wait_with_errors,
 )
 from slurm.sweep import load_sweep, plan, point_names, points_of
+from tests.slurm_fixtures import wait_until
 from tokenizer.core.config import ConfigError, to_dict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -119,14 +118,6 @@ def alit(argv: list[str]) -> int:
     assert not bad, f"unrecognized arguments {bad}"
     args.overrides = extra
     return sweep_cmd.run(args)
-
-
-def wait_until(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
-    end = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(0.1)
 
 
 def last_step(run_dir: Path) -> int:
