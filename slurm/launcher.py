@@ -40,7 +40,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import submitit
-import yaml
 from submitit.core.job_environment import SignalHandler
 from submitit.core.utils import FailedJobError, UncompletedJobError
 
@@ -419,15 +418,10 @@ def parse_time_min(text: str) -> int:
 
 def read_slurm_section(path: str | Path) -> dict[str, Any]:
     """The ``slurm:`` mapping of a YAML file (a cluster profile, or any config holding one)."""
-    from tokenizer.core.config import ConfigError
+    from tokenizer.core.config import ConfigError, read_yaml_file
 
     file = Path(path)
-    if not file.is_file():
-        raise ConfigError(f"slurm config file not found: {file}")
-    try:
-        raw = yaml.safe_load(file.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"slurm config {file} is not valid YAML: {e}") from None
+    raw = read_yaml_file(file, "slurm config file")
     if not isinstance(raw, dict) or not isinstance(raw.get("slurm"), dict):
         raise ConfigError(f"slurm config {file} has no 'slurm:' mapping; write e.g.\n"
                           "slurm:\n  partition: gpu\n  gpus_per_node: 8\n  tasks_per_node: 8\n  time_min: 240")

@@ -44,7 +44,7 @@ import submitit
 import yaml
 from submitit.core.utils import FailedJobError, JobPaths, UncompletedJobError
 
-from tokenizer.core.config import ConfigError, to_dict
+from tokenizer.core.config import ConfigError, read_yaml_file, to_dict
 from tokenizer.core.paths import runs_dir
 
 from .jobs import TRAINERS, load_run_config, read_result, training_spec
@@ -140,12 +140,7 @@ def _overrides_mapping(value: Any, where: str) -> dict[str, Any]:
 def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> SweepConfig:
     """Read and check a sweep file; ``overrides`` (``key=value``) are added to every point."""
     file = Path(path)
-    if not file.is_file():
-        raise ConfigError(f"sweep file not found: {file}")
-    try:
-        raw = yaml.safe_load(file.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"sweep file {file} is not valid YAML: {e}") from None
+    raw = read_yaml_file(file, "sweep file")
     if not isinstance(raw, dict):
         raise ConfigError(f"sweep file {file} must be a mapping (command, config, grid, ...)")
     unknown = sorted(set(raw) - set(SWEEP_KEYS))

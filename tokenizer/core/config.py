@@ -33,16 +33,23 @@ class ConfigError(ValueError):
     """A configuration problem; the message names the key and how to fix it."""
 
 
+def read_yaml_file(path: str | Path, what: str, hint: str = "") -> Any:
+    """The parsed content of the YAML file ``path`` ({} when empty); a missing file or invalid YAML is a
+    :class:`ConfigError` that names ``what`` (e.g. "sweep file") and the path."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"{what} not found: {file}{hint}")
+    try:
+        return yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{what} {file} is not valid YAML: {e}") from None
+
+
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
     path = path.resolve()
     if path in seen:
         raise ConfigError(f"config {path}: '{BASE_KEY}' chain loops back to itself")
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path} (pass an existing YAML file, e.g. configs/...)")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config {path} is not valid YAML: {e}") from None
+    raw = read_yaml_file(path, "config file", " (pass an existing YAML file, e.g. configs/...)")
     if not isinstance(raw, dict):
         raise ConfigError(f"config {path} must be a mapping of keys to values, got {type(raw).__name__}")
     base = raw.pop(BASE_KEY, None)
