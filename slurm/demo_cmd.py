@@ -21,7 +21,7 @@ from tokenizer.core.config import ConfigError, load_config, to_dict
 from .launcher import (
     JobSpec,
     add_cluster_arguments,
-    cluster_flags_given,
+    job_flags_problem,
     slurm_config_from_args,
     split_slurm_overrides,
     submit_and_wait,
@@ -45,9 +45,9 @@ def run(args: argparse.Namespace) -> int:
     from slurm.pipeline import DemoConfig, run_demo
 
     overrides, slurm_overrides = split_slurm_overrides(args.overrides)
-    if args.cluster == "none" and (slurm_overrides or cluster_flags_given(args)):
-        given = " ".join(cluster_flags_given(args) + slurm_overrides)
-        print(f"alit demo: {given} only apply to a job: add --cluster slurm (or local/debug)", file=sys.stderr)
+    problem = job_flags_problem(args, slurm_overrides)
+    if problem:
+        print(f"alit demo: {problem}", file=sys.stderr)
         return 2
     try:
         cfg = load_config(DemoConfig, args.config, overrides)
@@ -64,10 +64,6 @@ def _submit(cfg: DemoConfig, args: argparse.Namespace, slurm_overrides: list[str
     """The pipeline as one job (logs under ``<demo dir>/slurm/<job id>``); wait for it unless --no-wait."""
     from .pipeline import for_job
 
-    if args.no_wait and args.cluster == "debug":
-        print("alit demo: --no-wait needs --cluster slurm or local (a debug job runs in this process)",
-              file=sys.stderr)
-        return 2
     try:
         slurm = slurm_config_from_args(args, slurm_overrides)
     except ValueError as e:

@@ -31,7 +31,7 @@ from .launcher import (
     SlurmConfig,
     SlurmJobError,
     add_cluster_arguments,
-    cluster_flags_given,
+    job_flags_problem,
     slurm_config_from_args,
     split_slurm_overrides,
 )
@@ -98,10 +98,7 @@ def print_report_table(report: dict[str, Any], out: str | Path) -> None:
 def _flag_problem(args: argparse.Namespace, slurm_overrides: list[str]) -> str | None:
     """Why the flags do not go together, or None."""
     if args.cluster == "none":
-        given = cluster_flags_given(args) + slurm_overrides + (["--shards"] if args.shards is not None else [])
-        if given:
-            return f"{' '.join(given)} only apply to jobs: add --cluster slurm (or local/debug)"
-        return None
+        return job_flags_problem(args, slurm_overrides, ["--shards"] if args.shards is not None else [], "jobs")
     if args.shard is not None:
         return ("--shard i/n runs one shard in this process and cannot be combined with --cluster: "
                 "use --shards N to split every budget into N array tasks")

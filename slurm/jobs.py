@@ -163,10 +163,6 @@ def run_on_cluster(args: argparse.Namespace, target: str, cfg: Any, slurm_overri
     except ValueError as e:  # ConfigError is a ValueError
         print(f"alit train: {e}", file=sys.stderr)
         return 2
-    if args.no_wait and args.cluster == "debug":
-        print("alit train: --no-wait needs --cluster slurm or local (debug jobs run in this process when "
-              "waited for)", file=sys.stderr)
-        return 2
     run_dir = Path(cfg.resolved_run_dir()).absolute()
     cfg.run_dir = str(run_dir)
     rc, result = submit_and_wait("train", training_spec(target, cfg), run_dir=run_dir, cfg=slurm,

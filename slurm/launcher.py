@@ -497,6 +497,19 @@ def cluster_flags_given(args: argparse.Namespace) -> list[str]:
     return given
 
 
+def job_flags_problem(args: argparse.Namespace, slurm_overrides: Sequence[str] = (), extra: Sequence[str] = (),
+                      jobs: str = "a job") -> str | None:
+    """Why the job options of a command line do not go together, or None: resource flags, ``slurm.*``
+    overrides (or the command's ``extra`` job-only options) without ``--cluster``, or ``--no-wait`` with the
+    debug cluster, whose jobs run in this process."""
+    if args.cluster == "none":
+        given = [*cluster_flags_given(args), *slurm_overrides, *extra]
+        return f"{' '.join(given)} only apply to {jobs}: add --cluster slurm (or local/debug)" if given else None
+    if getattr(args, "no_wait", False) and args.cluster == "debug":
+        return "--no-wait needs --cluster slurm or local (debug jobs run in this process when waited for)"
+    return None
+
+
 def slurm_config_from_args(args: argparse.Namespace, slurm_overrides: Sequence[str] = (),
                            section: dict[str, Any] | None = None) -> SlurmConfig:
     """Resources from (in order) ``section``, ``--slurm-config``, ``slurm.*`` overrides, then the flags."""

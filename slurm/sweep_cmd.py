@@ -18,7 +18,13 @@ import sys
 from tokenizer.core.config import ConfigError
 
 from .cluster import ClusterError
-from .launcher import SlurmJobError, add_cluster_arguments, slurm_config_from_args, split_slurm_overrides
+from .launcher import (
+    SlurmJobError,
+    add_cluster_arguments,
+    job_flags_problem,
+    slurm_config_from_args,
+    split_slurm_overrides,
+)
 from .sweep import (
     ACTIVE_STATES,
     SUMMARY_MD,
@@ -66,8 +72,9 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.sweep:
         return _fail("name a sweep file (alit sweep SWEEP.yaml) or --status SWEEP_DIR")
-    if args.no_wait and args.cluster == "debug":
-        return _fail("--no-wait needs --cluster slurm or local (debug jobs run in this process when waited for)")
+    problem = job_flags_problem(args)
+    if problem:
+        return _fail(problem)
     own, slurm_overrides = split_slurm_overrides(overrides)
     try:
         sweep = load_sweep(args.sweep, own)

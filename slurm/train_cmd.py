@@ -22,7 +22,7 @@ from tokenizer.core.config import ConfigError, load_config
 from tokenizer.core.data import DataError
 from tokenizer.core.trainer import Preempted, RunLocked, TrainingDiverged
 
-from .launcher import add_cluster_arguments, cluster_flags_given, split_slurm_overrides
+from .launcher import add_cluster_arguments, job_flags_problem, split_slurm_overrides
 
 # Failures that name their cause and fix in the message; anything else is a bug and keeps its traceback.
 EXPECTED_FAILURES = (RunLocked, TrainingDiverged, CheckpointError, DataError, TokenizerMismatch, FileNotFoundError)
@@ -46,9 +46,9 @@ def run(args: argparse.Namespace) -> int:
         from generator.train import PriorRunConfig as schema
         from generator.train import train_prior as train
     overrides, slurm_overrides = split_slurm_overrides(args.overrides)
-    if args.cluster == "none" and (slurm_overrides or cluster_flags_given(args)):
-        given = " ".join(cluster_flags_given(args) + slurm_overrides)
-        print(f"alit train: {given} only apply to a job: add --cluster slurm (or local/debug)", file=sys.stderr)
+    problem = job_flags_problem(args, slurm_overrides)
+    if problem:
+        print(f"alit train: {problem}", file=sys.stderr)
         return 2
     try:
         cfg = load_config(schema, args.config, overrides)
