@@ -27,6 +27,7 @@ import torch
 from tokenizer.core.checkpoint import atomic_write_text, load_tensors, save_tensors
 from tokenizer.core.config import to_dict
 from tokenizer.core.data import DataConfig, build_dataset, scan_source
+from tokenizer.core.errors import UserError
 
 FORMAT = "alit-token-cache"
 FORMAT_VERSION = 1
@@ -34,7 +35,7 @@ MANIFEST = "manifest.json"
 IDENTITY_FILE = "tokenizer_identity.json"
 
 
-class TokenizerMismatch(ValueError):
+class TokenizerMismatch(UserError, ValueError):
     """A prior or token cache was made with another tokenizer than the one it is used with."""
 
 

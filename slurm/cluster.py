@@ -20,6 +20,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from tokenizer.core.errors import UserError
+
 SCRIPT = Path(__file__).with_name("cluster.sh")
 DEFAULT_DIR = os.path.join(tempfile.gettempdir(), "alit-slurm")  # short: unix socket paths < 108 bytes
 
@@ -27,7 +29,7 @@ NO_SBATCH = ("no sbatch found: install Slurm or use --cluster local/debug; for a
              "`bash slurm/cluster.sh install && eval $(bash slurm/cluster.sh start)`")
 
 
-class ClusterError(RuntimeError):
+class ClusterError(UserError, RuntimeError):
     """The dev cluster could not be installed, started or stopped, or no Slurm client is available."""
 
 

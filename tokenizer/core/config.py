@@ -22,6 +22,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from .errors import UserError
 from .paths import PACKAGE_ROOT
 
 T = TypeVar("T")
@@ -29,7 +30,7 @@ T = TypeVar("T")
 BASE_KEY = "_base_"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration problem; the message names the key and how to fix it."""
 
 

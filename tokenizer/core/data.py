@@ -40,6 +40,7 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
+from .errors import UserError
 from .paths import ASSETS
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ Split = Literal["train", "val", "all"]
 SPLITS: tuple[str, ...] = ("train", "val", "all")
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A dataset problem; the message names the file or setting and how to fix it."""
 
 
