@@ -25,21 +25,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenizer.core.attention import attention
-from tokenizer.core.checkpoint import (
-    CheckpointError,
-    atomic_write_text,
-    load_module_state,
-    load_tensors,
-    save_tensors,
-    verify_checkpoint,
-    write_manifest,
-)
+from tokenizer.core.checkpoint import CheckpointError, load_module_state, load_tensors, verify_checkpoint
 from tokenizer.core.config import from_dict, to_dict
+from tokenizer.core.pretrained import CONFIG_FILE, WEIGHTS_FILE, save_model_dir
 
 from .tokens import TokenSpace
 
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
+MODEL_NAME = "Prior"  # config.json 'model' (directories written before the one format have none; still read)
 FORMAT_VERSION = 1  # of a saved prior directory; a newer one is refused
 
 
@@ -249,14 +241,9 @@ class Prior(nn.Module):
 
     # ------------------------------------------------------------------ save / load
     def save_pretrained(self, out_dir: str | Path) -> Path:
-        """Write the weights and the model config into ``out_dir``; returns it."""
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        save_tensors(out / WEIGHTS_FILE, self.state_dict(), metadata={"kind": self.kind})
-        meta = {"kind": self.kind, "format_version": FORMAT_VERSION, "config": to_dict(self.config)}
-        atomic_write_text(out / CONFIG_FILE, json.dumps(meta, indent=2))
-        write_manifest(out, [WEIGHTS_FILE, CONFIG_FILE])  # sizes and sha256, checked at load
-        return out
+        """Write the one model-directory format (``tokenizer.core.pretrained``) atomically; returns it."""
+        return save_model_dir(out_dir, MODEL_NAME, FORMAT_VERSION, to_dict(self.config), self.state_dict(),
+                              extra={"kind": self.kind})
 
     @classmethod
     def from_pretrained(cls: type[M], path: str | Path, device: str | torch.device = "cpu") -> M:
@@ -296,7 +283,8 @@ def read_pretrained_config(path: str | Path) -> dict[str, Any]:
         meta = json.loads(file.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{file} is not valid JSON ({e}): a truncated or damaged prior config") from None
-    if not isinstance(meta, dict) or "kind" not in meta or "config" not in meta:
+    if not isinstance(meta, dict) or "kind" not in meta or "config" not in meta \
+            or meta.get("model", MODEL_NAME) != MODEL_NAME:
         raise CheckpointError(f"{file} is not a prior config (needs 'kind' and 'config')")
     version = meta.get("format_version", 1)
     if not isinstance(version, int) or version > FORMAT_VERSION:

@@ -26,9 +26,7 @@ from tokenizer.core.checkpoint import CheckpointError, write_manifest
 from tokenizer.vq import BaseVQ, base_vq_config
 
 _TSV = "official-alit-small-keys.tsv"
-KEYS_TSV = next((p for p in (Path(__file__).parent / "assets" / _TSV,
-                             Path(__file__).resolve().parents[2] / "shared" / "reference" / _TSV) if p.is_file()),
-                Path(_TSV))
+KEYS_TSV = Path(__file__).parent / "assets" / _TSV
 PUBLIC_BASE = dict(patch_size=16, base_grid=16, base_code_dim=256, base_codebook_size=1024)
 
 
@@ -127,9 +125,9 @@ def test_encode_decode_shapes_every_budget(tok: ALITTokenizer, images: torch.Ten
 
 
 def test_encode_matches_forward_and_decode(tok: ALITTokenizer, images: torch.Tensor) -> None:
-    feats = tok.base.encode_features(images)
+    feats, targets = tok.features_and_targets(images)
     with torch.no_grad():
-        out = tok.alit(images, feats, supervise=[2])  # no targets: the decoder's own confidence halts
+        out = tok.alit(images, feats, targets=targets, supervise=[2])  # halting reads the true base indices
     ids = tok.encode(images, 12)
     assert torch.equal(out.at(2).ids, ids)
     torch.testing.assert_close(tok.decode_logits(ids), out.at(2).logits, atol=1e-4, rtol=1e-4)
@@ -151,9 +149,9 @@ def test_reinjected_2d_tokens(tok: ALITTokenizer, images: torch.Tensor) -> None:
         hook = alit.encoder.register_forward_pre_hook(lambda _m, args: seen.append(args[0][:, :1 + n].clone()))
         second = alit.step(first)
         hook.remove()
-        torch.testing.assert_close(seen[0], state.seq)  # nothing halted yet: exactly the embedding
-        assert not torch.allclose(first.seq[:, :1 + n], state.seq)  # carried would have read these instead
-        out = alit(images, feats, supervise=[2])
+        torch.testing.assert_close(seen[0], state.seq[:, :1 + n])  # nothing halted yet: exactly the embedding
+        assert not torch.allclose(first.seq[:, :1 + n], state.seq[:, :1 + n])  # carried would read these instead
+        out = alit(images, feats, targets=tok.features_and_targets(images)[1], supervise=[2])
     assert second.seq.shape[1] == 1 + n + 2 * cfg.tokens_per_iter
     ids = re.encode(images, 12)
     assert torch.equal(out.at(2).ids, ids)
@@ -187,8 +185,7 @@ def test_early_exit_is_counted(tok: ALITTokenizer, images: torch.Tensor) -> None
 
 
 def test_supervising_t_runs_t_plus_1_iterations(tok: ALITTokenizer, images: torch.Tensor) -> None:
-    feats = tok.base.encode_features(images)
-    targets = tok.base.encode_indices(images)
+    feats, targets = tok.features_and_targets(images)
     alit = tok.alit
     for t in range(alit.config.num_iters):
         out = alit(images, feats, targets=targets, supervise=[t])
@@ -200,7 +197,7 @@ def test_supervising_t_runs_t_plus_1_iterations(tok: ALITTokenizer, images: torc
         assert step.vq_loss.ndim == 0 and torch.isfinite(step.vq_loss)
     out = alit(images, feats, targets=targets, supervise=[0, 2])
     assert [o.iteration for o in out.iterations] == [0, 2] and out.encoder_iterations == 3
-    out = alit(images, feats, iterations=2)
+    out = alit(images, feats, targets=targets, iterations=2)
     assert [o.iteration for o in out.iterations] == [1] and alit.last_encoder_iterations == 2
     short = alit(images, feats, targets=targets, supervise=[1])
     full = alit(images, feats, targets=targets, iterations=4, supervise=[1])  # the public code's way
@@ -297,17 +294,17 @@ def test_halting_threshold_masks_cells(tok: ALITTokenizer, images: torch.Tensor)
     targets = tok.base.encode_indices(images)
     with torch.no_grad():
         p0 = _target_prob(tok.alit(images, feats, targets=targets, supervise=[0]).at(0).logits, targets)
-        p1 = tok.alit(images, feats, supervise=[0]).at(0).logits.softmax(-1).amax(-1)
     thr = float(p0.median())
     on = _with_threshold(tok, thr)
     with torch.no_grad():
-        out = on.alit(images, feats, targets=targets, supervise=[3])
+        out = on.alit(images, feats, targets=targets, supervise=[0, 1, 2, 3])
         assert not out.halted[0].any()
-        assert torch.equal(out.halted[1], p0 > thr)  # training: probability of the true base index
+        assert torch.equal(out.halted[1], p0 >= thr)  # the probability of the true base index, as public
         assert 0 < int(out.halted[1].sum()) < out.halted[1].numel()
-        assert bool((out.halted[2] >= out.halted[1]).all()) and bool((out.halted[3] >= out.halted[2]).all())
-        inf = on.alit(images, feats, supervise=[1])  # inference: the decoder's own top probability
-        assert torch.equal(inf.halted[1], p1 > thr)
+        for t in (1, 2):  # recomputed at every iteration, not cumulative (the public rule)
+            assert torch.equal(out.halted[t + 1], _target_prob(out.at(t).logits, targets) >= thr)
+        ids = on.encode(images, 16)  # inference halts the same cells as training (no other rule)
+        assert torch.equal(ids, out.at(3).ids)
     off = _with_threshold(tok, 0.0, halting=False)
     with torch.no_grad():
         out_off = off.alit(images, feats, targets=targets, supervise=[0, 3])
@@ -354,8 +351,9 @@ def test_save_load_roundtrip(tok: ALITTokenizer, images: torch.Tensor, tmp_path:
     files = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file())
     assert all(f.endswith((".json", ".safetensors")) for f in files), files  # no pickles
     meta = json.loads((tmp_path / "config.json").read_text())
-    assert meta["format_version"] == 1 and meta["alit"]["width"] == 64
-    assert meta["base"]["num_vq_embeddings"] == 512
+    assert meta["model"] == "ALITTokenizer" and meta["format_version"] == 2 and meta["config"]["width"] == 64
+    base_meta = json.loads((tmp_path / "base" / "config.json").read_text())
+    assert base_meta["model"] == "BaseVQ" and base_meta["config"]["num_vq_embeddings"] == 512
     assert read_alit_config(tmp_path) == tok.config
     loaded = ALITTokenizer.from_pretrained(tmp_path)
     for budget in tok.budgets:
@@ -370,7 +368,7 @@ def test_load_mismatch_names_keys(tok: ALITTokenizer, tmp_path: Path) -> None:
     good_cfg = (tmp_path / "config.json").read_text()
 
     cfg = json.loads(good_cfg)
-    cfg["alit"]["code_dim"] = 4
+    cfg["config"]["code_dim"] = 4
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match=r"config\.json .*manifest"):  # an edited file is refused first
         ALITTokenizer.from_pretrained(tmp_path)
@@ -406,7 +404,6 @@ def _official() -> dict[str, tuple[int, ...]]:
     return {k: tuple(int(d) for d in shape.split("x")) for k, shape in rows if not k.startswith("base_tokenizer.")}
 
 
-@pytest.mark.skipif(not KEYS_TSV.is_file(), reason=f"{_TSV} not in tests/assets/ or ../shared/reference/")
 def test_public_small_keys_match_official() -> None:
     with torch.device("meta"):
         model = ALIT(alit_config("small", **PUBLIC_BASE))

@@ -217,7 +217,7 @@ def test_save_load_roundtrip_is_exact(tmp_path: Path, tiny: BaseVQ) -> None:
     torch.manual_seed(3)
     model = BaseVQ(cfg).eval()
     model.save_pretrained(tmp_path / "vq")
-    assert sorted(p.name for p in (tmp_path / "vq").iterdir()) == ["base_vq.safetensors", "base_vq_config.json", "manifest.json"]
+    assert sorted(p.name for p in (tmp_path / "vq").iterdir()) == ["config.json", "manifest.json", "model.safetensors"]
     loaded = BaseVQ.from_pretrained(tmp_path / "vq").eval()
     assert loaded.config == cfg
     x = _images(2, seed=4)

@@ -33,21 +33,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from diffusers import VQModel
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
-from tokenizer.core.checkpoint import (
-    CheckpointError,
-    atomic_write_text,
-    load_module_state,
-    load_tensors,
-    verify_checkpoint,
-    write_manifest,
-)
+from tokenizer.core.checkpoint import CheckpointError, load_module_state, load_tensors, verify_checkpoint
 from tokenizer.core.config import from_dict, to_dict
+from tokenizer.core.pretrained import CONFIG_FILE, PretrainedMixin
 
-CONFIG_NAME = "base_vq_config.json"
-WEIGHTS_NAME = "base_vq.safetensors"
+LEGACY_CONFIG_NAME = "base_vq_config.json"  # the layout before the one model-directory format (still read)
+LEGACY_WEIGHTS_NAME = "base_vq.safetensors"
 DIFFUSERS_CONFIG_NAME = "config.json"
 DIFFUSERS_WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 
@@ -155,8 +149,11 @@ class VQForward:
 # ----------------------------------------------------------------------------------------------------
 
 
-class BaseVQ(nn.Module):
+class BaseVQ(PretrainedMixin, nn.Module):
     """VQ autoencoder: diffusers' encoder/decoder, a (cosine) vector quantizer, an index-level API."""
+
+    model_name = "BaseVQ"
+    config_class = BaseVQConfig
 
     def __init__(self, config: BaseVQConfig) -> None:
         super().__init__()
@@ -280,39 +277,34 @@ class BaseVQ(nn.Module):
         q = self.quantize(self.encode_features(images))
         return VQForward(recon=self.decode_codes(q.codes), indices=q.indices, vq_loss=q.loss)
 
-    # -- persistence -------------------------------------------------------------------------------
-
-    def save_pretrained(self, directory: str | Path) -> Path:
-        """Write ``base_vq_config.json`` (this config) and ``base_vq.safetensors``; returns the dir."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
-        # Write to temporary names, then rename: a kill mid-save never leaves a half-written file.
-        tmp_weights = directory / (WEIGHTS_NAME + ".tmp")
-        save_file(state, str(tmp_weights))
-        tmp_weights.replace(directory / WEIGHTS_NAME)
-        atomic_write_text(directory / CONFIG_NAME, json.dumps({"model": "BaseVQ", "config": to_dict(self.config)},
-                                                              indent=2))
-        write_manifest(directory, [WEIGHTS_NAME, CONFIG_NAME])  # sizes and sha256, checked at load
-        return directory
+    # -- persistence (save_pretrained / from_pretrained: tokenizer.core.pretrained) ---------------
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> BaseVQ:
-        """Rebuild a model written by :meth:`save_pretrained` (no LPIPS or discriminator needed)."""
+        """Rebuild a model written by :meth:`save_pretrained` (also the older ``base_vq_config.json`` layout)."""
         directory = Path(directory)
-        cfg_path = directory / CONFIG_NAME
-        if not cfg_path.is_file():
-            hint = (" it looks like a diffusers VQModel directory: use BaseVQ.from_diffusers"
-                    if (directory / DIFFUSERS_CONFIG_NAME).is_file() else "")
-            raise FileNotFoundError(f"{cfg_path} not found; pass a directory written by BaseVQ.save_pretrained.{hint}")
+        if (directory / LEGACY_CONFIG_NAME).is_file():
+            return cls._from_legacy(directory, map_location)
+        if (directory / DIFFUSERS_WEIGHTS_NAME).is_file():
+            raise FileNotFoundError(f"{directory} has no BaseVQ.save_pretrained files; it looks like a diffusers "
+                                    "VQModel directory: use BaseVQ.from_diffusers")
+        if not (directory / CONFIG_FILE).is_file():
+            hint = ""
+            raise FileNotFoundError(f"{directory / CONFIG_FILE} not found; pass a directory written by "
+                                    f"BaseVQ.save_pretrained.{hint}")
+        return super().from_pretrained(directory, map_location)
+
+    @classmethod
+    def _from_legacy(cls, directory: Path, map_location: str | torch.device) -> BaseVQ:
+        """The layout written before the one model-directory format (``base_vq_config.json``)."""
         verify_checkpoint(directory)  # truncated or modified files are refused, naming the file
         try:
-            meta = json.loads(cfg_path.read_text())
-            config = from_dict(BaseVQConfig, meta["config"])
+            config = from_dict(BaseVQConfig, json.loads((directory / LEGACY_CONFIG_NAME).read_text())["config"])
         except (json.JSONDecodeError, KeyError, ValueError) as e:
-            raise CheckpointError(f"{cfg_path}: not a valid BaseVQ config ({e})") from None
+            raise CheckpointError(f"{directory / LEGACY_CONFIG_NAME}: not a valid BaseVQ config ({e})") from None
         model = cls(config)
-        load_module_state(model, load_tensors(directory / WEIGHTS_NAME, map_location), str(directory / WEIGHTS_NAME))
+        load_module_state(model, load_tensors(directory / LEGACY_WEIGHTS_NAME, map_location),
+                          str(directory / LEGACY_WEIGHTS_NAME))
         return model
 
     @classmethod
