@@ -7,15 +7,15 @@ Layout of a cache directory::
                                    adaptive_ids (n, max_budget) padded with -1 and adaptive_lengths (n,)
                                    when an adaptive threshold was given; int16 ids when K <= 32768
 
-The **tokenizer identity** (sha256 over the tokenizer's config and weight files) is recorded in the
-manifest and in every prior exported from the cache (``tokenizer_identity.json``), so a prior is never
-paired with another tokenizer silently: :func:`check_identity` refuses a mismatch with a clear error.
+The **tokenizer identity** (:func:`tokenizer.core.checkpoint.tokenizer_identity`: sha256 over the
+tokenizer's config and weight files) is recorded in the manifest and in every prior exported from the
+cache (``tokenizer_identity.json``), so a prior is never paired with another tokenizer silently:
+:func:`check_identity` refuses a mismatch with a clear error.
 Shards are written atomically and a finished cache is reused by a re-run with the same inputs.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 from dataclasses import dataclass
@@ -24,10 +24,11 @@ from typing import Any
 
 import torch
 
-from tokenizer.core.checkpoint import atomic_write_text, load_tensors, save_tensors
+from tokenizer.core.checkpoint import load_tensors, save_tensors, tokenizer_identity
 from tokenizer.core.config import to_dict
 from tokenizer.core.data import DataConfig, build_dataset, scan_source
 from tokenizer.core.errors import UserError
+from tokenizer.core.io import atomic_path, atomic_write_text
 
 FORMAT = "alit-token-cache"
 FORMAT_VERSION = 1
@@ -40,22 +41,6 @@ class TokenizerMismatch(UserError, ValueError):
 
 
 # ============================================================================ identity
-def tokenizer_identity(tokenizer_dir: str | Path) -> dict[str, str]:
-    """``{"id", "path"}``: sha256 over every config and weight file of a saved tokenizer directory."""
-    root = Path(tokenizer_dir)
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in (".json", ".safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{root} holds no tokenizer (no .json/.safetensors files): pass a directory "
-                                "written by ALITTokenizer.save_pretrained (a tokenizer run's final/)")
-    h = hashlib.sha256()
-    for p in files:
-        h.update(str(p.relative_to(root)).encode())
-        with open(p, "rb") as f:
-            while block := f.read(1 << 22):
-                h.update(block)
-    return {"id": h.hexdigest(), "path": str(root)}
-
-
 def check_identity(expected: dict[str, str], actual: dict[str, str], what: str) -> None:
     """Raise :class:`TokenizerMismatch` unless both identities name the same tokenizer."""
     if expected.get("id") != actual.get("id"):
@@ -186,9 +171,8 @@ def build_token_cache(tokenizer_dir: str | Path, data: DataConfig, out_dir: str 
                     chunks.setdefault("adaptive_lengths", []).append(lengths.cpu())
                 bar.update(len(items))
             name = f"{split}-{s:05d}.safetensors"
-            tmp = out / f".{name}.tmp"
-            save_tensors(tmp, {k: torch.cat(v) for k, v in chunks.items()})
-            tmp.replace(out / name)
+            with atomic_path(out / name) as tmp:
+                save_tensors(tmp, {k: torch.cat(v) for k, v in chunks.items()})
             shards.append(name)
         bar.close()
         split_info[split] = {"n": len(ds), "shards": shards}

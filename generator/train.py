@@ -15,10 +15,11 @@ from typing import Any
 
 import torch
 
+from tokenizer.core.checkpoint import tokenizer_identity
 from tokenizer.core.paths import runs_dir
 from tokenizer.core.trainer import TrainConfig, Trainer
 
-from .cache import check_identity, load_token_cache, tokenizer_identity, write_identity
+from .cache import check_identity, load_token_cache, write_identity
 from .tasks import PriorTask, TokenDataset, build_prior, collate_tokens, unigram_bits_per_token
 
 

@@ -46,10 +46,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import importlib.metadata
 import json
 import os
-import uuid
 from collections.abc import Iterable, Iterator
 from enum import StrEnum
 from pathlib import Path
@@ -68,6 +66,7 @@ from tokenizer.core.inception import (
     FIDInceptionV3,
     InceptionPool3,
 )
+from tokenizer.core.io import atomic_path, package_version, sha256_file
 from tokenizer.core.paths import ASSETS, cache_dir
 from tokenizer.core.weights import INCEPTION_FC_KEYS, read_state_dict, resolve_inception
 
@@ -101,23 +100,12 @@ class MetricUnavailable(RuntimeError):
 @functools.lru_cache(maxsize=8)
 def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
     """sha256 of a file, memoised per (path, size, mtime) within the process."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return sha256_file(path)
 
 
 def _sha256_of(path: Path) -> str:
     st = path.stat()
     return _file_sha256(str(path.resolve()), st.st_size, st.st_mtime_ns)
-
-
-def _version(dist: str) -> str:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
 
 
 class FIDProtocol(StrEnum):
@@ -148,7 +136,7 @@ class FIDProtocol(StrEnum):
     def protocol_id(self, weights: str | os.PathLike[str] | None = None) -> str:
         """``library==version/preprocessing/network/sha256:<12 hex of the weights file>``."""
         sha = _sha256_of(resolve_inception(weights).path)[:12]
-        return (f"{self.library}=={_version(self.library)}/{self.preprocessing}/"
+        return (f"{self.library}=={package_version(self.library)}/{self.preprocessing}/"
                 f"inception-v3-2015-12-05-pool3/sha256:{sha}")
 
 
@@ -266,20 +254,17 @@ class FeatureStats:
         path = Path(path)
         tensors = {"n": np.array([self.n], dtype=np.int64), "sum": self.sum, "sum_outer": self.sum_outer}
         info = {"format": STATS_FORMAT, "protocol": self.protocol or "", **(metadata or {})}
+        if path.suffix not in (".safetensors", ".npz"):
+            raise ValueError(f"{path}: FeatureStats are saved as .safetensors or .npz")
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp{path.suffix}")
-        try:
+        with atomic_path(path) as tmp:
             if path.suffix == ".safetensors":
                 from safetensors.numpy import save_file
 
                 save_file(tensors, str(tmp), metadata={"alit": json.dumps(info, sort_keys=True)})
-            elif path.suffix == ".npz":
-                np.savez(tmp, **tensors, info=np.array(json.dumps(info, sort_keys=True)))
             else:
-                raise ValueError(f"{path}: FeatureStats are saved as .safetensors or .npz")
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+                with open(tmp, "wb") as f:  # a file object: np.savez would add ".npz" to the temporary's name
+                    np.savez(f, **tensors, info=np.array(json.dumps(info, sort_keys=True)))
         return path
 
     @staticmethod
@@ -652,9 +637,8 @@ def _reference(data_cfg: DataConfig, split: str, protocol: FIDProtocol | str, ma
     if keep_features:
         features = extractor.extract(batches, total=total, desc=desc)
         stats = FeatureStats.from_features(features, extractor.protocol_id)
-        tmp = features_path.with_name(f".{features_path.name}.{uuid.uuid4().hex[:8]}.tmp.npy")
-        np.save(tmp, features.astype(np.float32))  # exact: the network's features are float32
-        os.replace(tmp, features_path)
+        with atomic_path(features_path) as tmp, open(tmp, "wb") as f:
+            np.save(f, features.astype(np.float32))  # exact: the network's features are float32
     else:
         stats = extractor.accumulate(batches, total=total, desc=desc)
     stats.save(path, metadata={"key": json.dumps(key, sort_keys=True)})

@@ -13,7 +13,7 @@ by *global* image index, so shards of one request fill one folder)::
     <out>/<tokenizer name>-<hash8>/recon-adaptive-t0.07/    reconstructions.npz (+ l1 (N,), positions (N,))
 
 ``<hash8>`` is the first 8 hex digits of the checkpoint's identity (sha256 over its config and weight
-files, :func:`generator.cache.tokenizer_identity`); ``<name>`` is the checkpoint folder's name, prefixed
+files, :func:`tokenizer.core.checkpoint.tokenizer_identity`); ``<name>`` is the checkpoint folder's name, prefixed
 by its run folder when it is a generic name such as ``final``.
 
 **Determinism and sharding.** Images are made in fixed-size *chunks* of ``chunk_size`` global indices
@@ -40,10 +40,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
 import sys
-import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -56,16 +54,16 @@ from generator.cache import (
     check_identity,
     read_identity,
     read_manifest,
-    tokenizer_identity,
 )
 from generator.tasks import load_prior
 from generator.tokens import NO_LABEL, TokenSpace, estimate_budget_probs, sample_budgets
 from generator.transformer import Prior
 from tokenizer.alit import ALITTokenizer
-from tokenizer.core.checkpoint import atomic_write_text
+from tokenizer.core.checkpoint import tokenizer_identity
 from tokenizer.core.config import to_dict
 from tokenizer.core.data import DataConfig, ImageDataset, build_dataset, split_order
 from tokenizer.core.images import from_uint8, to_uint8
+from tokenizer.core.io import atomic_path, atomic_write_text
 
 from .ar_sampler import ARSampler
 from .maskgit_sampler import MaskGITSampler
@@ -432,12 +430,8 @@ def iter_recon_chunks(tokenizer: ALITTokenizer, dataset: ImageDataset, positions
 def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
     """Write an uncompressed npz atomically (a temporary file, then a rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp.npz")
-    try:
-        np.savez(tmp, **arrays)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)  # to a file object: np.savez would add ".npz" to a temporary's name
 
 
 def load_image_set(path: str | Path) -> dict[str, np.ndarray]:

@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tokenizer.core.checkpoint import atomic_write_text
+from tokenizer.core.io import atomic_write_text
 
 
 def _img(path: Path, alt: str) -> str:

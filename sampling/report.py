@@ -62,7 +62,6 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-import importlib.metadata
 import json
 import math
 import platform
@@ -75,10 +74,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from tokenizer.core.checkpoint import atomic_write_text
 from tokenizer.core.config import git_commit, to_dict
 from tokenizer.core.data import DataConfig, build_dataset
 from tokenizer.core.images import from_uint8, grid_array, save_grid
+from tokenizer.core.io import atomic_write_text, package_version
 from tokenizer.core.paths import cache_dir
 
 from .fid import (
@@ -509,10 +508,7 @@ def library_versions() -> dict[str, str]:
     """Versions of Python and the libraries behind the numbers."""
     out = {"python": platform.python_version()}
     for dist in VERSIONED:
-        try:
-            out[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            out[dist] = "unknown"
+        out[dist] = package_version(dist)
     return out
 
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from generator.cache import TokenizerMismatch, build_token_cache, tokenizer_identity, write_identity
+from generator.cache import TokenizerMismatch, build_token_cache, write_identity
 from generator.tasks import build_prior
 from sampling import fid
 from sampling.generate import (
@@ -44,6 +44,7 @@ from sampling.report import (
 )
 from slurm.cli import main as alit
 from tokenizer.alit import ALITTokenizer
+from tokenizer.core.checkpoint import tokenizer_identity
 from tokenizer.core.data import DataConfig, build_dataset
 from tokenizer.core.images import from_uint8
 from tokenizer.vq import BaseVQ, base_vq_config

@@ -14,11 +14,11 @@ from generator.cache import (
     check_identity,
     load_token_cache,
     read_identity,
-    tokenizer_identity,
 )
 from generator.train import PriorKind, PriorRunConfig, train_prior
 from slurm.cli import main as alit
 from tokenizer.alit import ALITTokenizer
+from tokenizer.core.checkpoint import tokenizer_identity
 from tokenizer.core.data import DataConfig, build_dataset
 from tokenizer.core.trainer import TrainConfig
 from tokenizer.vq import BaseVQ, base_vq_config

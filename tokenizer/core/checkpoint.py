@@ -7,7 +7,8 @@ A training checkpoint is a directory ``<run>/checkpoints/step_XXXXXXXX/``::
     state.json               step, data position, RNG states, schedule, config, format version
     manifest.json            size and sha256 of every file above; written last
 
-It is written into a hidden temporary directory and renamed into place, then ``checkpoints/latest``
+It is written into a hidden temporary directory and renamed into place (:func:`tokenizer.core.io.atomic_dir`,
+the project's one atomic write), then ``checkpoints/latest``
 is replaced atomically, so a kill at any moment leaves the previous checkpoint intact and a partial
 directory is never taken for a checkpoint (no manifest, or a hidden name). Loading verifies sizes and
 hashes, so truncated or tampered files are refused with a clear error.
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
@@ -26,6 +26,9 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+# atomic_write_text and sha256_file are also imported from here by the model code (tokenizer/alit.py, vq.py)
+from .io import atomic_dir, atomic_write_text, is_temp_name, remove_stale_temps, sha256_file, update_digest
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -38,42 +41,6 @@ class CheckpointError(RuntimeError):
 
 
 # ----------------------------------------------------------------------------- small file helpers
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` so readers see the old or the new content, never a mix."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    """Hex sha256 of a file, streamed."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """safetensors write of contiguous CPU copies (shared storage is split, as safetensors requires)."""
     flat = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
@@ -152,37 +119,24 @@ def save_checkpoint(run_dir: str | Path, step: int, modules: dict[str, dict[str,
     """
     root = checkpoint_root(run_dir)
     final = root / f"{PREFIX}{step:08d}"
-    tmp = root / f".{final.name}.tmp-{os.getpid()}"
     try:
         root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-        written: list[Path] = []
-        for name, sd in modules.items():
-            save_tensors(tmp / f"{name}.safetensors", sd)
-            written.append(tmp / f"{name}.safetensors")
-        for name, opt_state in optimizers.items():
-            tensors, rest = optimizer_to_files(opt_state)
-            save_tensors(tmp / f"optim-{name}.safetensors", tensors)
-            (tmp / f"optim-{name}.json").write_text(json.dumps(rest))
-            written += [tmp / f"optim-{name}.safetensors", tmp / f"optim-{name}.json"]
-        (tmp / "state.json").write_text(json.dumps({"format_version": FORMAT_VERSION, "step": step, **state},
-                                                   indent=1))
-        written.append(tmp / "state.json")
-        for f in written:
-            with open(f, "rb+") as fh:
-                os.fsync(fh.fileno())
-        write_manifest(tmp, [f.name for f in written], step=step)
-        if final.exists():  # the same step saved again (e.g. after a resume): replace it
-            old = root / f".{final.name}.old-{os.getpid()}"
-            final.rename(old)
-            shutil.rmtree(old, ignore_errors=True)
-        tmp.rename(final)
-        _fsync_dir(root)
+        with atomic_dir(final) as tmp:  # the same step saved again (e.g. after a resume) is replaced
+            names: list[str] = []
+            for name, sd in modules.items():
+                save_tensors(tmp / f"{name}.safetensors", sd)
+                names.append(f"{name}.safetensors")
+            for name, opt_state in optimizers.items():
+                tensors, rest = optimizer_to_files(opt_state)
+                save_tensors(tmp / f"optim-{name}.safetensors", tensors)
+                (tmp / f"optim-{name}.json").write_text(json.dumps(rest))
+                names += [f"optim-{name}.safetensors", f"optim-{name}.json"]
+            (tmp / "state.json").write_text(json.dumps({"format_version": FORMAT_VERSION, "step": step, **state},
+                                                       indent=1))
+            names.append("state.json")
+            write_manifest(tmp, names, step=step)
         atomic_write_text(root / LATEST, final.name + "\n")
     except (OSError, SafetensorError) as e:  # safetensors reports a full disk as SafetensorError, not OSError
-        shutil.rmtree(tmp, ignore_errors=True)
         prev = latest_checkpoint(run_dir)
         raise CheckpointError(
             f"could not write checkpoint for step {step} in {root}: {getattr(e, 'strerror', None) or e}. "
@@ -207,10 +161,7 @@ def rotate_checkpoints(run_dir: str | Path, keep_last: int) -> None:
     if keep_last > 0:
         for old in list_checkpoints(run_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
-    for stale in root.glob(f".{PREFIX}*.tmp-*"):
-        pid = stale.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and int(pid) != os.getpid() and not Path(f"/proc/{pid}").exists():
-            shutil.rmtree(stale, ignore_errors=True)
+    remove_stale_temps(root, target_prefix=PREFIX)
 
 
 def write_manifest(directory: str | Path, names: Iterable[str], **extra: Any) -> None:
@@ -294,3 +245,23 @@ def files_sha256(paths: Iterable[Path]) -> str:
         h.update(p.name.encode())
         h.update(sha256_file(p).encode())
     return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------- model identity
+def tokenizer_identity(tokenizer_dir: str | Path) -> dict[str, str]:
+    """``{"id", "path"}``: sha256 over every config and weight file of a saved model directory.
+
+    The id covers each ``.json`` / ``.safetensors`` file's relative path and bytes (temporaries of an
+    interrupted write are skipped), so a moved or copied directory keeps its id and any edited file changes it.
+    """
+    root = Path(tokenizer_dir)
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in (".json", ".safetensors")
+                   and not any(is_temp_name(part) for part in p.relative_to(root).parts))
+    if not files:
+        raise FileNotFoundError(f"{root} holds no tokenizer (no .json/.safetensors files): pass a directory "
+                                "written by ALITTokenizer.save_pretrained (a tokenizer run's final/)")
+    h = hashlib.sha256()
+    for p in files:
+        h.update(str(p.relative_to(root)).encode())
+        update_digest(h, p)
+    return {"id": h.hexdigest(), "path": str(root)}

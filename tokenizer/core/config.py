@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .errors import UserError
+from .io import atomic_write_text
 from .paths import PACKAGE_ROOT
 
 T = TypeVar("T")
@@ -169,9 +170,7 @@ def save_config(cfg: Any, run_dir: str | Path, name: str = "config.yaml") -> Pat
     run_dir.mkdir(parents=True, exist_ok=True)
     body = {"git_commit": git_commit(), "config": to_dict(cfg)}
     out = run_dir / name
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(body, sort_keys=False))
-    tmp.replace(out)
+    atomic_write_text(out, yaml.safe_dump(body, sort_keys=False))
     return out
 
 
