@@ -40,6 +40,10 @@ class TokenizerMismatch(UserError, ValueError):
     """A prior or token cache was made with another tokenizer than the one it is used with."""
 
 
+class NotATokenCache(UserError, ValueError):
+    """A directory given as a token cache holds something else, or a cache lacks what was asked of it."""
+
+
 # ============================================================================ identity
 def check_identity(expected: dict[str, str], actual: dict[str, str], what: str) -> None:
     """Raise :class:`TokenizerMismatch` unless both identities name the same tokenizer."""
@@ -101,20 +105,29 @@ def read_manifest(cache_dir: str | Path) -> dict[str, Any]:
     file = Path(cache_dir) / MANIFEST
     if not file.is_file():
         raise FileNotFoundError(f"{file} not found: not a finished token cache (run `alit tokenize` first)")
-    manifest = json.loads(file.read_text())
-    if manifest.get("format") != FORMAT:
-        raise ValueError(f"{file} is not a token cache manifest (format {manifest.get('format')!r})")
+    try:
+        manifest = json.loads(file.read_text())
+    except ValueError as e:
+        raise NotATokenCache(f"{file} is not a token cache manifest (not JSON: {e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise NotATokenCache(f"{file} is not a token cache manifest (format {found!r}): pass a directory "
+                             "written by `alit tokenize`, or another --out for a new cache")
     if int(manifest.get("format_version", 0)) > FORMAT_VERSION:
-        raise ValueError(f"{file} has format version {manifest['format_version']}, newer than this code's "
+        raise NotATokenCache(f"{file} has format version {manifest['format_version']}, newer than this code's "
                          f"{FORMAT_VERSION}: update alit-stack")
     return manifest
+
+
+def _check_split(manifest: dict[str, Any], cache_dir: str | Path, split: str) -> None:
+    if split not in manifest["splits"]:
+        raise KeyError(f"split '{split}' is not in the token cache {cache_dir} (has {sorted(manifest['splits'])})")
 
 
 def load_token_cache(cache_dir: str | Path, split: str) -> TokenCache:
     """Read one split of a cache (all its shards) into memory as int64 tensors."""
     manifest = read_manifest(cache_dir)
-    if split not in manifest["splits"]:
-        raise KeyError(f"split '{split}' is not in the token cache {cache_dir} (has {sorted(manifest['splits'])})")
+    _check_split(manifest, cache_dir, split)
     parts: dict[str, list[torch.Tensor]] = {}
     for shard in manifest["splits"][split]["shards"]:
         for k, v in load_tensors(Path(cache_dir) / shard).items():
@@ -183,4 +196,44 @@ def build_token_cache(tokenizer_dir: str | Path, data: DataConfig, out_dir: str 
                 "data": to_dict(data), "splits": split_info}
     atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1))
     return out
+
+
+# ============================================================================ questions about a cache
+def prior_token_cache(prior_dir: str | Path) -> Path | None:
+    """The finished token cache a prior was trained on, as its run's ``config.yaml`` names it (None if unknown)."""
+    import yaml
+
+    prior_dir = Path(prior_dir)
+    for cfg in (prior_dir / "config.yaml", prior_dir.parent / "config.yaml"):
+        if cfg.is_file():
+            try:
+                tokens = (yaml.safe_load(cfg.read_text()) or {}).get("config", {}).get("tokens")
+            except (yaml.YAMLError, AttributeError):
+                continue
+            if tokens and (Path(tokens) / MANIFEST).is_file():
+                return Path(tokens)
+    return None
+
+
+def adaptive_lengths(cache_dir: str | Path, split: str = "train",
+                     identity: dict[str, str] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(lengths, labels)``, both ``(N,)`` int64: the adaptive (TSC) budget and label of every image of a split.
+
+    Reads only those two arrays of each shard. ``identity`` (the tokenizer's) is checked against the cache's.
+    """
+    from safetensors import safe_open
+
+    manifest = read_manifest(cache_dir)
+    if identity is not None:
+        check_identity(manifest["tokenizer"], identity, f"token cache {cache_dir}")
+    _check_split(manifest, cache_dir, split)
+    lengths, labels = [], []
+    for name in manifest["splits"][split]["shards"]:
+        with safe_open(str(Path(cache_dir) / name), framework="pt") as f:
+            if "adaptive_lengths" not in f.keys():  # noqa: SIM118 - safe_open has keys(), not __contains__
+                raise NotATokenCache(f"token cache {cache_dir} holds no adaptive lengths: rebuild it with "
+                                     "`alit tokenize --adaptive-threshold 0.07`, or sample at fixed budgets")
+            lengths.append(f.get_tensor("adaptive_lengths").long())
+            labels.append(f.get_tensor("labels").long())
+    return torch.cat(lengths), torch.cat(labels)
 

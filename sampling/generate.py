@@ -51,9 +51,9 @@ import numpy as np
 import torch
 
 from generator.cache import (
+    adaptive_lengths,
     check_identity,
     read_identity,
-    read_manifest,
 )
 from generator.tasks import load_prior
 from generator.tokens import NO_LABEL, TokenSpace, estimate_budget_probs, sample_budgets
@@ -62,6 +62,7 @@ from tokenizer.alit import ALITTokenizer
 from tokenizer.core.checkpoint import tokenizer_identity
 from tokenizer.core.config import to_dict
 from tokenizer.core.data import DataConfig, ImageDataset, build_dataset, split_order
+from tokenizer.core.errors import UsageError
 from tokenizer.core.images import from_uint8, to_uint8
 from tokenizer.core.io import atomic_path, atomic_write_text
 
@@ -94,7 +95,7 @@ class Shard:
         """``"i/n"`` -> ``Shard(i, n)``."""
         match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
         if not match:
-            raise ValueError(f"--shard {text!r} is not of the form i/n (e.g. 0/4 for the first of four shards)")
+            raise UsageError(f"--shard {text!r} is not of the form i/n (e.g. 0/4 for the first of four shards)")
         return cls(int(match[1]), int(match[2]))
 
     def chunks(self, num_chunks: int) -> range:
@@ -212,22 +213,34 @@ def load_models(tokenizer_dir: str | Path, prior_dir: str | Path | None = None,
 
 
 # ============================================================================ settings
-def parse_budgets(text: str, valid: Iterable[int], allow_adaptive: bool = True) -> list[Budget]:
-    """``"4,8"``, ``"all"``, ``"adaptive"`` or a mix -> budgets (ints in ``valid``, or ADAPTIVE)."""
-    valid = list(valid)
+def parse_budgets(spec: str | Iterable[int | str], valid: Iterable[int],
+                  allow_adaptive: bool = True) -> list[Budget]:
+    """The one reading of a budget request, checked against the model's budgets ``valid``.
+
+    ``spec`` is text such as ``"8,16"``, ``"all"``, ``"max"``, ``"adaptive"`` or a mix, or a sequence of such
+    items (``[8, 16]``). Returns ints in ``valid`` and ADAPTIVE, in the order given, without repeats; an
+    item that is not one of them is a :class:`~tokenizer.core.errors.UsageError` listing the choices.
+    """
+    valid = [int(b) for b in valid]
+    items = spec.split(",") if isinstance(spec, str) else list(spec)
     out: list[Budget] = []
-    for item in (s.strip().lower() for s in text.split(",") if s.strip()):
+    for item in (str(s).strip().lower() for s in items):
+        if not item:
+            continue
         if item == "all":
-            out += [b for b in valid if b not in out]
+            out += valid
+        elif item == "max":
+            out.append(max(valid))
         elif item == ADAPTIVE and allow_adaptive:
             out.append(ADAPTIVE)
         elif item.isdigit() and int(item) in valid:
             out.append(int(item))
         else:
-            extra = " or 'adaptive'" if allow_adaptive else ""
-            raise ValueError(f"budget {item!r} is not valid: use 'all', one of {valid}{extra} (comma-separated)")
+            extra = ", 'adaptive'" if allow_adaptive else ""
+            raise UsageError(f"budget {item!r} is not valid: use one of {valid}, 'all', 'max'{extra} "
+                             "(comma-separated)")
     if not out:
-        raise ValueError(f"no budgets given: use 'all' or some of {valid}")
+        raise UsageError(f"no budgets given: use 'all', 'max' or some of {valid}")
     return list(dict.fromkeys(out))
 
 
@@ -283,7 +296,7 @@ def parse_classes(text: str) -> str | int:
         return text
     if text.isdigit():
         return int(text)
-    raise ValueError(f"--class {text!r}: use 'all' (round-robin), 'none' (null class) or a class id")
+    raise UsageError(f"--class {text!r}: use 'all' (round-robin), 'none' (null class) or a class id")
 
 
 def classes_for(indices: np.ndarray, mode: str | int, space: TokenSpace) -> torch.Tensor:
@@ -513,46 +526,12 @@ def merge_image_shards(folder: str | Path, stem: str, count: int, num_images: in
 
 
 # ============================================================================ adaptive budget distributions
-def find_token_cache(prior_dir: str | Path) -> Path | None:
-    """The token cache a prior was trained on, read from its run's ``config.yaml`` (None if not found)."""
-    import yaml
-
-    prior_dir = Path(prior_dir)
-    for cfg in (prior_dir / "config.yaml", prior_dir.parent / "config.yaml"):
-        if cfg.is_file():
-            try:
-                tokens = (yaml.safe_load(cfg.read_text()) or {}).get("config", {}).get("tokens")
-            except (yaml.YAMLError, AttributeError):
-                continue
-            if tokens and (Path(tokens) / "manifest.json").is_file():
-                return Path(tokens)
-    return None
-
-
 def budget_probs_from_cache(cache_dir: str | Path, space: TokenSpace, split: str = "train",
                             identity: dict[str, str] | None = None) -> torch.Tensor:
-    """Per-class budget probabilities ``(C + 1, n)`` from a token cache's adaptive (TSC) lengths.
-
-    Reads only ``adaptive_lengths`` and ``labels`` of the split's shards. ``identity`` (the tokenizer's)
-    is checked against the cache's.
-    """
-    from safetensors import safe_open
-
-    manifest = read_manifest(cache_dir)
-    if identity is not None:
-        check_identity(manifest["tokenizer"], identity, f"token cache {cache_dir}")
-    if split not in manifest["splits"]:
-        raise KeyError(f"split '{split}' is not in the token cache {cache_dir} (has {sorted(manifest['splits'])})")
-    lengths, labels = [], []
-    for name in manifest["splits"][split]["shards"]:
-        with safe_open(str(Path(cache_dir) / name), framework="pt") as f:
-            if "adaptive_lengths" not in f.keys():  # noqa: SIM118 - safe_open has keys(), not __contains__
-                raise ValueError(f"token cache {cache_dir} holds no adaptive lengths: rebuild it with "
-                                 "`alit tokenize --adaptive-threshold 0.07`, or sample at fixed budgets")
-            lengths.append(f.get_tensor("adaptive_lengths").long())
-            labels.append(f.get_tensor("labels").long())
-    classes = torch.cat(labels) if space.num_classes else None
-    return estimate_budget_probs(torch.cat(lengths), space, classes)
+    """Per-class budget probabilities ``(C + 1, n)`` from a token cache's adaptive (TSC) lengths
+    (:func:`generator.cache.adaptive_lengths`; ``identity``, the tokenizer's, is checked against the cache's)."""
+    lengths, labels = adaptive_lengths(cache_dir, split, identity)
+    return estimate_budget_probs(lengths, space, labels if space.num_classes else None)
 
 
 # ============================================================================ folders end to end

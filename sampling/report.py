@@ -74,6 +74,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from generator.cache import prior_token_cache
 from tokenizer.core.config import git_commit, to_dict
 from tokenizer.core.data import DataConfig, build_dataset
 from tokenizer.core.images import from_uint8, grid_array, save_grid
@@ -100,10 +101,10 @@ from .generate import (
     budget_label,
     budget_probs_from_cache,
     eval_positions,
-    find_token_cache,
     iter_recon_chunks,
     iter_sample_chunks,
     load_models,
+    parse_budgets,
     save_npz,
 )
 
@@ -124,7 +125,7 @@ class ReportError(ValueError):
 class EvalSettings:
     """What an evaluation measures and how (the data config is separate)."""
 
-    budgets: tuple[int, ...] = ()  # token budgets to evaluate; () = all of the tokenizer's
+    budgets: tuple[int, ...] | str = ()  # token budgets to evaluate, or text ("8,16", "max"); () = all of them
     num_images: int | None = None  # evaluated images of the split (seeded stratified subset) = samples per budget
     split: str = "val"  # dataset split: reconstructed, and the reference of rFID and gFID
     protocol: str = FIDProtocol.torch_fidelity.value  # FID protocol: torch_fidelity | clean_fid
@@ -227,11 +228,10 @@ class Evaluation:
         if data.resolution != tok.image_size:
             raise ValueError(f"data.resolution={data.resolution} but the tokenizer takes {tok.image_size}px images: "
                              f"pass data.resolution={tok.image_size}")
-        bad = [b for b in settings.budgets if b not in tok.budgets]
-        if bad:
-            raise ValueError(f"budgets {bad} are not budgets of the tokenizer ({list(tok.budgets)})")
         self.models, self.data, self.settings, self.progress = models, data, settings, progress
-        self.budgets = sorted(settings.budgets or tok.budgets)
+        # the one check of the requested budgets (from the command line, a demo config or a job's request)
+        self.budgets = sorted(int(b) for b in parse_budgets(settings.budgets or "all", tok.budgets,
+                                                            allow_adaptive=False))
         self.protocol = FIDProtocol(settings.protocol)
         self.dataset = build_dataset(data, settings.split)  # type: ignore[arg-type]
         self.positions = eval_positions(self.dataset, settings.num_images, data.split_seed)
@@ -259,7 +259,7 @@ class Evaluation:
 
     def _find_budget_probs(self, tokens: str | Path | None) -> None:
         prior = self.models.require_prior()
-        cache = Path(tokens) if tokens is not None else find_token_cache(self.models.prior_dir or ".")
+        cache = Path(tokens) if tokens is not None else prior_token_cache(self.models.prior_dir or ".")
         if cache is None:
             self.budget_probs_note = ("no token cache found for the prior (pass --tokens): adaptive gFID needs the "
                                       "training split's adaptive budget distribution")

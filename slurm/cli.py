@@ -1,7 +1,10 @@
 """The ``alit`` command line. Every subcommand is registered in :data:`COMMANDS`, here and nowhere else.
 
-A subcommand is a module with ``configure(parser)`` (adds its arguments) and ``run(args) -> int``.
-Modules are imported only when their subcommand is used, so ``alit --help`` stays fast.
+A subcommand is a module of :mod:`slurm.commands` with ``configure(parser)`` (adds its arguments) and
+``run(args) -> int``. Modules are imported only when their subcommand is used, so ``alit --help`` stays
+fast. Errors are reported here, once for every command: bad input (a
+:class:`~tokenizer.core.errors.UserError`, or a type the command lists in ``USER_ERRORS``) is one line
+``alit <command>: <message>`` on stderr and exit code 2; a run that failed (``RUN_FAILURES``) exit code 1.
 """
 
 from __future__ import annotations
@@ -13,6 +16,9 @@ import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from types import ModuleType
+
+from tokenizer.core.errors import EXIT_FAILED, EXIT_USAGE, UserError, one_line
 
 
 @dataclass(frozen=True)
@@ -26,27 +32,66 @@ class Command:
 
 
 COMMANDS: tuple[Command, ...] = (
-    Command("demo", "slurm.demo_cmd", "the whole pipeline on the embedded emoji set, ending in an HTML report",
-            "alit demo"),
-    Command("weights", "tokenizer.core.weights_cmd", "report and verify the offline FID/LPIPS weights",
+    Command("demo", "slurm.commands.demo",
+            "the whole pipeline on the embedded emoji set, ending in an HTML report", "alit demo"),
+    Command("weights", "slurm.commands.weights", "report and verify the offline FID/LPIPS weights",
             "alit weights"),
-    Command("data", "tokenizer.core.data_cmd", "inspect a dataset (the embedded emoji set by default)",
+    Command("data", "slurm.commands.data", "inspect a dataset (the embedded emoji set by default)",
             "alit data --source emoji"),
-    Command("train", "slurm.train_cmd", "train a tokenizer stage (vq, distill, finetune) or a prior",
+    Command("train", "slurm.commands.train", "train a tokenizer stage (vq, distill, finetune) or a prior",
             "alit train tokenizer --config configs/tokenizer/vq_emoji_cpu.yaml train.max_steps=50"),
-    Command("sweep", "slurm.sweep_cmd", "one training command over a grid of overrides, as one Slurm job array",
+    Command("sweep", "slurm.commands.sweep",
+            "one training command over a grid of overrides, as one Slurm job array",
             "alit sweep configs/sweeps/vq_lr_emoji_cpu.yaml --cluster local"),
-    Command("tokenize", "slurm.tokenize_cmd", "encode a dataset at every budget into a token cache for priors",
+    Command("tokenize", "slurm.commands.tokenize",
+            "encode a dataset at every budget into a token cache for priors",
             "alit tokenize --tokenizer runs/emoji_finetune/final --out runs/emoji_tokens --adaptive-threshold 0.07"),
-    Command("sample", "slurm.sample_cmd", "images from a prior + tokenizer at token budgets (shardable)",
+    Command("sample", "slurm.commands.sample", "images from a prior + tokenizer at token budgets (shardable)",
             "alit sample --tokenizer runs/emoji_finetune/final --prior runs/prior/final --budgets 16 --num-images 16 "
             "--out runs/samples"),
-    Command("reconstruct", "slurm.reconstruct_cmd", "reconstructions of a dataset split at each budget (shardable)",
+    Command("reconstruct", "slurm.commands.reconstruct",
+            "reconstructions of a dataset split at each budget (shardable)",
             "alit reconstruct --tokenizer runs/emoji_finetune/final --num-images 16 --out runs/recon"),
-    Command("eval", "slurm.eval_cmd", "rFID/gFID, L1, LPIPS per token count and adaptively, into a report folder",
+    Command("eval", "slurm.commands.eval",
+            "rFID/gFID, L1, LPIPS per token count and adaptively, into a report folder",
             "alit eval --tokenizer runs/emoji_finetune/final --prior runs/prior/final --num-images 64 "
             "--out runs/eval/emoji"),
 )
+
+
+# Bad input whatever the command: a path that is missing, already taken or of the wrong kind.
+_PATH_ERRORS: tuple[type[BaseException], ...] = (FileNotFoundError, FileExistsError, NotADirectoryError,
+                                                  IsADirectoryError)
+
+
+def version() -> str:
+    """The installed version of the ``alit-stack`` distribution (``unknown`` when it is not installed)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("alit-stack")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _user_errors(module: ModuleType) -> tuple[type[BaseException], ...]:
+    """What counts as bad input for ``module`` (evaluated only once something was raised)."""
+    from tokenizer.core.checkpoint import CheckpointError  # a missing, foreign or damaged model directory
+
+    return (UserError, CheckpointError, *_PATH_ERRORS, *getattr(module, "USER_ERRORS", ()))
+
+
+def _run(name: str, module: ModuleType, args: argparse.Namespace) -> int:
+    """``module.run(args)`` with its failures reported as one line and an exit code."""
+    try:
+        return int(module.run(args) or 0)
+    except _user_errors(module) as e:
+        print(f"alit {name}: {one_line(e)}", file=sys.stderr)
+        return EXIT_USAGE
+    except tuple(getattr(module, "RUN_FAILURES", ())) as e:
+        print(f"alit {name}: {type(e).__name__}: {one_line(e)}", file=sys.stderr)
+        return EXIT_FAILED
 
 
 def _by_name() -> dict[str, Command]:
@@ -61,6 +106,7 @@ def build_parser(load: str | None = None) -> argparse.ArgumentParser:
         epilog="Each subcommand shows a CPU example: alit <command> --help",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"alit {version()}")
     sub = parser.add_subparsers(dest="command", metavar="<command>")
     for cmd in COMMANDS:
         p = sub.add_parser(cmd.name, help=cmd.summary, description=cmd.summary,
@@ -77,14 +123,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Idle OpenMP threads sleep instead of spinning (set before torch loads; an explicit setting wins):
     # on a shared or oversubscribed CPU, spinning made 2-thread runs up to 30x slower (see bench/).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    # xformers 0.0.35's own compiled extension does not load against torch 2.14 (it then uses kernels
-    # that PyTorch provides, see offline-assets.md); its import-time warning says nothing actionable.
+    # xformers 0.0.35's own compiled extension does not load against torch 2.14 (it then uses the kernels
+    # PyTorch provides); its import-time warning says nothing actionable.
     logging.getLogger("xformers").setLevel(logging.ERROR)
     name = next((a for a in argv if not a.startswith("-")), None)
     if name is not None and name not in _by_name():
         build_parser().print_usage(sys.stderr)
         print(f"alit: unknown command '{name}'; choose from: {', '.join(_by_name())}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     parser = build_parser(load=name)
     args, extra = parser.parse_known_args(argv)
     if args.command is None:
@@ -93,14 +139,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     module = importlib.import_module(_by_name()[args.command].module)
     # Commands with configs take dotted key=value overrides anywhere on the line (argparse cannot mix a
     # trailing nargs='*' positional with options, so they are collected here).
-    if getattr(module, "TAKES_OVERRIDES", False):
-        bad = [a for a in extra if a.startswith("-") or "=" not in a]
-        if bad:
-            parser.error(f"unrecognized arguments: {' '.join(bad)} (overrides look like train.lr=1e-4)")
+    takes_overrides = getattr(module, "TAKES_OVERRIDES", False)
+    bad = [a for a in extra if a.startswith("-") or "=" not in a] if takes_overrides else extra
+    if bad:
+        hint = " (overrides look like train.lr=1e-4)" if takes_overrides else ""
+        print(f"alit {args.command}: unrecognized arguments: {' '.join(bad)}{hint}; see alit {args.command} --help",
+              file=sys.stderr)
+        return EXIT_USAGE
+    if takes_overrides:
         args.overrides = extra
-    elif extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    return int(module.run(args) or 0)
+    return _run(args.command, module, args)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -68,7 +68,8 @@ class EvalRequest:
         data_dict = to_dict(data)
         if data.source != EMOJI and Path(data.source).expanduser().exists():  # a folder or .npz of images
             data_dict["source"] = absolute(data.source)
-        plain = {**asdict(settings), "budgets": [int(b) for b in settings.budgets]}  # JSON values only
+        budgets = settings.budgets if isinstance(settings.budgets, str) else [int(b) for b in settings.budgets]
+        plain = {**asdict(settings), "budgets": budgets}  # JSON values only
         return cls(absolute(tokenizer), None if prior is None else absolute(prior), data_dict, plain,
                    None if tokens is None else absolute(tokens), device)
 
@@ -79,7 +80,8 @@ class EvalRequest:
 
     def eval_settings(self) -> EvalSettings:
         """The :class:`EvalSettings` of this request."""
-        return EvalSettings(**{**self.settings, "budgets": tuple(self.settings.get("budgets", ()))})
+        budgets = self.settings.get("budgets", ())
+        return EvalSettings(**{**self.settings, "budgets": budgets if isinstance(budgets, str) else tuple(budgets)})
 
     def build(self, device: str | None = None, progress: bool = False, models: Models | None = None) -> Evaluation:
         """Load the models (unless given, loaded from this request's paths) and bind them to the data and

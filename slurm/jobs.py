@@ -158,11 +158,7 @@ def format_result(result: dict[str, Any]) -> str:
 
 def run_on_cluster(args: argparse.Namespace, target: str, cfg: Any, slurm_overrides: list[str]) -> int:
     """``alit train ... --cluster slurm|local|debug``: submit the run, then wait for it or print its job id."""
-    try:
-        slurm = slurm_config_from_args(args, slurm_overrides)
-    except ValueError as e:  # ConfigError is a ValueError
-        print(f"alit train: {e}", file=sys.stderr)
-        return 2
+    slurm = slurm_config_from_args(args, slurm_overrides)  # bad resources: a UserError, reported by the CLI
     run_dir = Path(cfg.resolved_run_dir()).absolute()
     cfg.run_dir = str(run_dir)
     rc, result = submit_and_wait("train", training_spec(target, cfg), run_dir=run_dir, cfg=slurm,

@@ -43,6 +43,7 @@ import submitit
 from submitit.core.job_environment import SignalHandler
 from submitit.core.utils import FailedJobError, UncompletedJobError
 
+from tokenizer.core.errors import EXIT_FAILED, UsageError
 from tokenizer.core.trainer import Preempted  # raised by a stopped training run; requeues the job
 
 from .cluster import ClusterError, require_sbatch
@@ -296,13 +297,9 @@ def submit_array(specs: Sequence[JobSpec], *, run_dir: str | Path, cfg: SlurmCon
 def submit_and_wait(command: str, spec: JobSpec, *, run_dir: str | Path, cfg: SlurmConfig | None,
                     cluster: Cluster, no_wait: bool = False) -> tuple[int, Any]:
     """What ``alit <command> --cluster ...`` does with one job: submit ``spec``, say where its logs go, then
-    wait for it (or, with ``no_wait``, print its id). Returns (exit code, the job's result or None);
-    cluster problems and a failed job are printed as ``alit <command>: ...`` with their exit codes 2 and 1."""
-    try:
-        job = submit(spec, run_dir=run_dir, cfg=cfg, cluster=cluster)
-    except ClusterError as e:
-        print(f"alit {command}: {e}", file=sys.stderr)
-        return 2, None
+    wait for it (or, with ``no_wait``, print its id). Returns (exit code, the job's result or None); a failed
+    job is printed as ``alit <command>: ...`` with exit code 1 (cluster problems raise :class:`ClusterError`)."""
+    job = submit(spec, run_dir=run_dir, cfg=cfg, cluster=cluster)  # a ClusterError is reported by the CLI (2)
     print(f"[{command}] submitted job {job.job_id} ({cluster}); directory: {run_dir}; "
           f"logs: {job.paths.stderr.parent}", file=sys.stderr, flush=True)
     if no_wait:
@@ -312,7 +309,7 @@ def submit_and_wait(command: str, spec: JobSpec, *, run_dir: str | Path, cfg: Sl
         [result] = wait_with_errors([job])
     except SlurmJobError as e:
         print(f"alit {command}: {e}", file=sys.stderr)
-        return 1, None
+        return EXIT_FAILED, None
     return 0, result
 
 
@@ -410,7 +407,7 @@ def parse_time_min(text: str) -> int:
     else:  # MM, MM:SS, HH:MM:SS
         hms = {1: [0, *parts, 0], 2: [0, *parts], 3: parts}.get(len(parts), [])
     if not hms or min(d, *hms) < 0:
-        raise ValueError(f"time limit '{text}' is not minutes or a Slurm time ([D-]HH:MM:SS, MM:SS); "
+        raise UsageError(f"time limit '{text}' is not minutes or a Slurm time ([D-]HH:MM:SS, MM:SS); "
                          "e.g. --time 90 or --time 1:30:00")
     h, m, s = hms
     return d * 1440 + h * 60 + m + (1 if s > 0 else 0)

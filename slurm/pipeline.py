@@ -18,8 +18,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tokenizer.core.config import from_dict, load_config, save_config
-from tokenizer.core.data import DataConfig
+from tokenizer.core.config import from_dict, load_config, locate_config, read_yaml_file, save_config
+from tokenizer.core.data import DataConfig, source_path
 from tokenizer.core.paths import alit_home
 
 
@@ -27,7 +27,7 @@ from tokenizer.core.paths import alit_home
 class StageSpec:
     """One training stage: a config file and overrides (the run directory is set by the pipeline)."""
 
-    config: str = ""  # YAML config of the stage (relative to the repository root or absolute)
+    config: str = ""  # YAML config of the stage (absolute, or relative to the working directory or the repository)
     overrides: list[str] = field(default_factory=list)  # dotted key=value overrides
 
 
@@ -150,17 +150,23 @@ def run_demo(cfg: DemoConfig, fresh: bool = False, device: str | None = None) ->
     return page
 
 
+def check_inputs(cfg: DemoConfig, data: bool = True) -> None:
+    """Refuse a missing stage config or (``data``) data source, a UserError, before any stage runs or writes."""
+    if data:
+        source_path(cfg.data)
+    for name in ("vq", "distill", "finetune", "prior"):
+        read_yaml_file(getattr(cfg, name).config, f"{name} stage config ({name}.config)")
+
+
 def for_job(cfg: DemoConfig) -> DemoConfig:
     """``cfg`` with every path absolute (the demo directory, the stage configs, a data folder): a job may
     start in another directory."""
-    def absolute(path: str) -> str:
-        p = Path(path).expanduser()
-        return str(p.absolute()) if p.exists() else path
-
     cfg.out = str(cfg.root().expanduser().absolute())
     for spec in (cfg.vq, cfg.distill, cfg.finetune, cfg.prior):
-        spec.config = absolute(spec.config)
-    cfg.data.source = absolute(cfg.data.source)
+        spec.config = str(locate_config(spec.config).absolute())
+    source = Path(cfg.data.source).expanduser()
+    if source.exists():  # else the name the job's machine knows (e.g. a path only the compute nodes mount)
+        cfg.data.source = str(source.absolute())
     return cfg
 
 

@@ -23,7 +23,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from slurm import cli, sweep_cmd
+from slurm import cli
 from slurm.jobs import load_run_config, read_result
 from slurm.launcher import (
     JobSpec,
@@ -108,16 +108,8 @@ def write_config(path: Path, base: Path, **train: Any) -> Path:
 
 
 def alit(argv: list[str]) -> int:
-    """Run an `alit` command in this process, as slurm.cli.main does (sweep: its module directly)."""
-    if argv[0] != "sweep":
-        return cli.main(argv)
-    parser = argparse.ArgumentParser(prog="alit sweep")
-    sweep_cmd.configure(parser)
-    args, extra = parser.parse_known_args(argv[1:])
-    bad = [a for a in extra if a.startswith("-") or "=" not in a]
-    assert not bad, f"unrecognized arguments {bad}"
-    args.overrides = extra
-    return sweep_cmd.run(args)
+    """Run an `alit` command in this process (errors are reported by slurm.cli.main, as on the command line)."""
+    return cli.main(argv)
 
 
 def last_step(run_dir: Path) -> int:

@@ -29,16 +29,27 @@ from .paths import PACKAGE_ROOT
 T = TypeVar("T")
 
 BASE_KEY = "_base_"
+REPO_ROOT = PACKAGE_ROOT.parent  # the checkout holding configs/ (the packages are installed from it, editable)
 
 
 class ConfigError(UserError, ValueError):
     """A configuration problem; the message names the key and how to fix it."""
 
 
+def locate_config(path: str | Path) -> Path:
+    """``path`` itself when it exists (absolute, or relative to the working directory), else the same
+    relative path inside the repository, so ``configs/...`` works from any directory."""
+    given = Path(path).expanduser()
+    if given.is_absolute() or given.exists():
+        return given
+    in_repo = REPO_ROOT / given
+    return in_repo if in_repo.exists() else given
+
+
 def read_yaml_file(path: str | Path, what: str, hint: str = "") -> Any:
-    """The parsed content of the YAML file ``path`` ({} when empty); a missing file or invalid YAML is a
-    :class:`ConfigError` that names ``what`` (e.g. "sweep file") and the path."""
-    file = Path(path)
+    """The parsed content of the YAML file ``path`` ({} when empty; found by :func:`locate_config`); a
+    missing file or invalid YAML is a :class:`ConfigError` that names ``what`` (e.g. "sweep file")."""
+    file = locate_config(path)
     if not file.is_file():
         raise ConfigError(f"{what} not found: {file}{hint}")
     try:
@@ -48,7 +59,7 @@ def read_yaml_file(path: str | Path, what: str, hint: str = "") -> Any:
 
 
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
-    path = path.resolve()
+    path = locate_config(path).resolve()
     if path in seen:
         raise ConfigError(f"config {path}: '{BASE_KEY}' chain loops back to itself")
     raw = read_yaml_file(path, "config file", " (pass an existing YAML file, e.g. configs/...)")
@@ -153,7 +164,7 @@ def from_dict(schema: type[T], data: dict[str, Any]) -> T:
 
 def git_commit() -> str:
     """The commit of the source tree (``<sha>`` or ``<sha>-dirty``), or ``unknown`` outside git."""
-    root = PACKAGE_ROOT.parent
+    root = REPO_ROOT
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
                              timeout=10, check=True).stdout.strip()

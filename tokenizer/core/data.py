@@ -95,6 +95,13 @@ class DataConfig:
             raise ValueError(f"data.max_images={self.max_images} must be >= 1, or null for no cap")
 
 
+@dataclass
+class DataSpec:
+    """A config holding only a dataset (``data:``): what ``alit tokenize/reconstruct/eval --config`` read."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Pixels: any PIL mode or array layout -> RGB uint8
 # ---------------------------------------------------------------------------------------------------------
@@ -436,14 +443,22 @@ def _scan_folder(root: Path, cfg: DataConfig) -> Source:
                   paths=paths, skipped=skipped, origin=cfg.source)
 
 
-def scan_source(cfg: DataConfig) -> Source:
-    """Read or scan ``cfg.source`` once; pass the result to :func:`build_dataset` to build several splits."""
+def source_path(cfg: DataConfig) -> Path | None:
+    """The file or folder ``cfg.source`` names (None for the embedded set); :class:`DataError` if it is missing."""
     if cfg.source == EMOJI:
-        return _load_npz(_emoji_path(), cfg, name="emoji: embedded Noto emoji")
+        return None
     root = Path(cfg.source).expanduser()
     if not root.exists():
         raise DataError(f"data.source={cfg.source!r} does not exist: give a folder of images, an .npz file, "
                         "or 'emoji' for the embedded set")
+    return root
+
+
+def scan_source(cfg: DataConfig) -> Source:
+    """Read or scan ``cfg.source`` once; pass the result to :func:`build_dataset` to build several splits."""
+    root = source_path(cfg)
+    if root is None:
+        return _load_npz(_emoji_path(), cfg, name="emoji: embedded Noto emoji")
     if root.is_file():
         if root.suffix.lower() == ".npz":
             return _load_npz(root, cfg)

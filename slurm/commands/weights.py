@@ -17,12 +17,13 @@ from pathlib import Path
 
 import torch
 
+from tokenizer.core.errors import EXIT_FAILED
 from tokenizer.core.paths import ASSETS
 from tokenizer.core.weights import ResolvedWeights, WeightsLayoutError, WeightsNotFound, resolve_weights
 
 LPIPS_TOLERANCE = 1e-3
 
-# The LPIPS example triplet (BSD-2, from the LPIPS repository): packaged assets first, then a checkout.
+# The LPIPS example triplet (BSD-2, from the LPIPS repository), packaged with the tokenizer.
 _EXAMPLE_DIRS = (ASSETS / "lpips-examples",)
 
 
@@ -84,7 +85,7 @@ def _verify_inception(resolved: ResolvedWeights) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Report and verify both networks; 0 when both verify."""
+    """Report and verify both networks; 0 when both verify, 1 when one is missing or fails its check."""
     all_ok = True
     for name, title, path, verify in (("inception", "FID InceptionV3", args.inception, _verify_inception),
                                       ("lpips", "LPIPS VGG16", args.lpips, _verify_lpips)):
@@ -98,4 +99,4 @@ def run(args: argparse.Namespace) -> int:
             ok = False
         all_ok &= ok
     print("all weights verified" if all_ok else "some weights are missing or failed their check")
-    return 0 if all_ok else 1
+    return 0 if all_ok else EXIT_FAILED

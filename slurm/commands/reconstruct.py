@@ -11,21 +11,13 @@ evaluated images are the split, or its seeded class-stratified subset of ``--num
 from __future__ import annotations
 
 import argparse
-import sys
-from dataclasses import dataclass, field
 
-from tokenizer.core.checkpoint import CheckpointError
-from tokenizer.core.config import ConfigError, load_config
-from tokenizer.core.data import DataConfig, DataError
+from tokenizer.core.data import DataSpec
+
+from . import prologue
 
 TAKES_OVERRIDES = True  # data.* overrides, e.g. data.source=/path/to/images
-
-
-@dataclass
-class DataSpec:
-    """What ``--config`` and the overrides set: the dataset."""
-
-    data: DataConfig = field(default_factory=DataConfig)
+USER_ERRORS = (ValueError, KeyError)  # a budget, shard or resolution that does not fit the tokenizer
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -56,20 +48,16 @@ def run(args: argparse.Namespace) -> int:
     )
     from tokenizer.core.data import build_dataset
 
-    try:
-        spec = load_config(DataSpec, args.config, args.overrides)
-        shard = Shard.parse(args.shard)
-        models = load_models(args.tokenizer, None, args.device or default_device())
-        budgets = parse_budgets(args.budgets, models.tokenizer.budgets)
-        dataset = build_dataset(spec.data, args.split)
-        for budget in budgets:
-            folder = reconstruct_to_folder(
-                models.tokenizer, models.tokenizer_tag, spec.data, args.split, budget, args.out,
-                threshold=args.adaptive_threshold, num_images=args.num_images, chunk_size=args.batch_size,
-                shard=shard, png=not args.no_png, progress=not args.no_progress,
-                identity=models.tokenizer_identity, dataset=dataset)
-            print(f"[reconstruct] {folder}")
-    except (ConfigError, DataError, ValueError, FileNotFoundError, FileExistsError, CheckpointError) as e:
-        print(f"alit reconstruct: {e}", file=sys.stderr)
-        return 2
+    spec, _ = prologue(args, DataSpec, args.config)
+    shard = Shard.parse(args.shard)
+    models = load_models(args.tokenizer, None, args.device or default_device())
+    budgets = parse_budgets(args.budgets, models.tokenizer.budgets)
+    dataset = build_dataset(spec.data, args.split)
+    for budget in budgets:
+        folder = reconstruct_to_folder(
+            models.tokenizer, models.tokenizer_tag, spec.data, args.split, budget, args.out,
+            threshold=args.adaptive_threshold, num_images=args.num_images, chunk_size=args.batch_size,
+            shard=shard, png=not args.no_png, progress=not args.no_progress,
+            identity=models.tokenizer_identity, dataset=dataset)
+        print(f"[reconstruct] {folder}")
     return 0

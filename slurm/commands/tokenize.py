@@ -6,11 +6,10 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
-from tokenizer.core.config import ConfigError, load_config
+from tokenizer.core.data import DataSpec
 
-from .reconstruct_cmd import DataSpec
+from . import prologue
 
 TAKES_OVERRIDES = True  # data.* overrides, e.g. data.source=/path/to/images
 
@@ -30,11 +29,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from generator.cache import build_token_cache
 
-    try:
-        spec = load_config(DataSpec, args.config, args.overrides)
-    except ConfigError as e:
-        print(f"alit tokenize: {e}", file=sys.stderr)
-        return 2
+    spec, _ = prologue(args, DataSpec, args.config)
     out = build_token_cache(args.tokenizer, spec.data, args.out, tuple(args.splits.split(",")),
                             args.adaptive_threshold, args.batch_size, device=args.device)
     print(f"[tokenize] token cache: {out}")

@@ -16,19 +16,13 @@ import shutil
 import sys
 from typing import TYPE_CHECKING
 
-from tokenizer.core.config import ConfigError, load_config, to_dict
+from tokenizer.core.config import to_dict
 
-from .launcher import (
-    JobSpec,
-    add_cluster_arguments,
-    job_flags_problem,
-    slurm_config_from_args,
-    split_slurm_overrides,
-    submit_and_wait,
-)
+from ..launcher import JobSpec, add_cluster_arguments, slurm_config_from_args, submit_and_wait
+from . import prologue
 
 if TYPE_CHECKING:
-    from .pipeline import DemoConfig
+    from ..pipeline import DemoConfig
 
 TAKES_OVERRIDES = True  # dotted key=value overrides of the DemoConfig (slurm.key=value: the job's resources)
 
@@ -42,18 +36,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from slurm.pipeline import DemoConfig, run_demo
+    from ..pipeline import DemoConfig, check_inputs, run_demo
 
-    overrides, slurm_overrides = split_slurm_overrides(args.overrides)
-    problem = job_flags_problem(args, slurm_overrides)
-    if problem:
-        print(f"alit demo: {problem}", file=sys.stderr)
-        return 2
-    try:
-        cfg = load_config(DemoConfig, args.config, overrides)
-    except ConfigError as e:
-        print(f"alit demo: {e}", file=sys.stderr)
-        return 2
+    cfg, slurm_overrides = prologue(args, DemoConfig, args.config)
+    # a missing stage config or data source fails here, before any stage runs (a job's data may be a path
+    # only its machine mounts)
+    check_inputs(cfg, data=args.cluster == "none")
     if args.cluster != "none":
         return _submit(cfg, args, slurm_overrides)
     run_demo(cfg, fresh=args.fresh, device=args.device)
@@ -62,13 +50,9 @@ def run(args: argparse.Namespace) -> int:
 
 def _submit(cfg: DemoConfig, args: argparse.Namespace, slurm_overrides: list[str]) -> int:
     """The pipeline as one job (logs under ``<demo dir>/slurm/<job id>``); wait for it unless --no-wait."""
-    from .pipeline import for_job
+    from ..pipeline import for_job
 
-    try:
-        slurm = slurm_config_from_args(args, slurm_overrides)
-    except ValueError as e:
-        print(f"alit demo: {e}", file=sys.stderr)
-        return 2
+    slurm = slurm_config_from_args(args, slurm_overrides)
     cfg = for_job(cfg)
     root = cfg.root()
     if args.fresh and root.exists():  # here, not in the job: a requeued job must continue, not start over

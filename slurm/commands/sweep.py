@@ -15,17 +15,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tokenizer.core.config import ConfigError
+from tokenizer.core.errors import EXIT_FAILED, UsageError
 
-from .cluster import ClusterError
-from .launcher import (
-    SlurmJobError,
-    add_cluster_arguments,
-    job_flags_problem,
-    slurm_config_from_args,
-    split_slurm_overrides,
-)
-from .sweep import (
+from ..launcher import SlurmJobError, add_cluster_arguments, slurm_config_from_args
+from ..sweep import (
     ACTIVE_STATES,
     SUMMARY_MD,
     load_sweep,
@@ -36,6 +29,7 @@ from .sweep import (
     sweep_dir_of,
     write_summary,
 )
+from . import check_job_flags, split_overrides
 
 TAKES_OVERRIDES = True  # trailing key=value pairs arrive as args.overrides
 
@@ -54,43 +48,27 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add_cluster_arguments(parser, default="slurm")
 
 
-def _fail(message: str, code: int = 2) -> int:
-    print(f"alit sweep: {message}", file=sys.stderr)
-    return code
-
-
 def run(args: argparse.Namespace) -> int:
-    overrides = list(getattr(args, "overrides", []) or [])
+    own, slurm_overrides = split_overrides(args)
     if args.status is not None:
-        if args.sweep or overrides:
-            return _fail("--status takes a sweep directory only (no sweep file, no overrides)")
-        try:
-            summary = write_summary(args.status)
-        except ConfigError as e:
-            return _fail(str(e))
+        if args.sweep or own or slurm_overrides:
+            raise UsageError("--status takes a sweep directory only (no sweep file, no overrides)")
+        summary = write_summary(args.status)
         print_summary(summary)
         return 0
     if not args.sweep:
-        return _fail("name a sweep file (alit sweep SWEEP.yaml) or --status SWEEP_DIR")
-    problem = job_flags_problem(args)
-    if problem:
-        return _fail(problem)
-    own, slurm_overrides = split_slurm_overrides(overrides)
-    try:
-        sweep = load_sweep(args.sweep, own)
-        slurm = slurm_config_from_args(args, slurm_overrides, section=sweep.slurm)
-        if args.dry_run:
-            sweep_dir = sweep_dir_of(sweep, args.out)
-            points = plan(sweep, sweep_dir)
-            print(f"{len(points)} points of sweep '{sweep.name}' (alit {sweep.command}) in {sweep_dir}:")
-            for p in points:
-                print(f"  {p.name}: {p.overrides}")
-            return 0
-        submitted = submit_sweep(sweep, cluster=args.cluster, slurm=slurm, out=args.out)
-    except (ConfigError, ValueError) as e:
-        return _fail(str(e))
-    except ClusterError as e:
-        return _fail(str(e))
+        raise UsageError("name a sweep file (alit sweep SWEEP.yaml) or --status SWEEP_DIR")
+    check_job_flags(args, [])  # the resources are the jobs' (--cluster is slurm by default)
+    sweep = load_sweep(args.sweep, own)
+    slurm = slurm_config_from_args(args, slurm_overrides, section=sweep.slurm)
+    if args.dry_run:
+        sweep_dir = sweep_dir_of(sweep, args.out)
+        points = plan(sweep, sweep_dir)
+        print(f"{len(points)} points of sweep '{sweep.name}' (alit {sweep.command}) in {sweep_dir}:")
+        for p in points:
+            print(f"  {p.name}: {p.overrides}")
+        return 0
+    submitted = submit_sweep(sweep, cluster=args.cluster, slurm=slurm, out=args.out)
     ids = sorted({j.job_id.split("_")[0] if args.cluster == "slurm" else j.job_id for j in submitted.jobs.values()})
     state = read_state(submitted.dir) or {}
     print(f"[sweep] {state.get('name')}: {len(state.get('points', []))} points in {submitted.dir}", file=sys.stderr)
@@ -114,7 +92,8 @@ def run(args: argparse.Namespace) -> int:
         summary = submitted.wait(refresh_s=args.refresh)
     except SlurmJobError as e:
         print_summary(submitted.refresh())
-        return _fail(str(e), 1)
+        print(f"alit sweep: {e}", file=sys.stderr)
+        return EXIT_FAILED
     print_summary(summary)
     failed = set(summary["counts"]) - {"COMPLETED"} - ACTIVE_STATES  # points still running from before are no failure
-    return 1 if failed else 0
+    return EXIT_FAILED if failed else 0

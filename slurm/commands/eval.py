@@ -22,27 +22,25 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tokenizer.core.checkpoint import CheckpointError
-from tokenizer.core.config import ConfigError, load_config
-from tokenizer.core.data import DataError
+from tokenizer.core.data import DataSpec
+from tokenizer.core.errors import EXIT_FAILED, UsageError
 
-from .cluster import ClusterError
-from .launcher import (
+from ..launcher import (
     SlurmConfig,
     SlurmJobError,
     add_cluster_arguments,
     job_flags_problem,
     slurm_config_from_args,
-    split_slurm_overrides,
 )
-from .reconstruct_cmd import DataSpec
+from . import prologue
 
 if TYPE_CHECKING:
     from sampling.report import Evaluation
 
-    from .eval_jobs import EvalRequest
+    from ..eval_jobs import EvalRequest
 
 TAKES_OVERRIDES = True  # data.* overrides, e.g. data.source=/path/to/images; slurm.* ones set job resources
+USER_ERRORS = (ValueError, KeyError)  # a budget, shard, protocol or resolution that does not fit
 
 
 def _threshold(text: str) -> float | None:
@@ -111,45 +109,35 @@ def _flag_problem(args: argparse.Namespace, slurm_overrides: list[str]) -> str |
 
 
 def run(args: argparse.Namespace) -> int:
-    from sampling.generate import Shard, default_device, load_models, parse_budgets
+    from sampling.generate import Shard, default_device, load_models
     from sampling.report import EvalSettings, Evaluation
     from tokenizer.core.paths import runs_dir
 
-    from .eval_jobs import EvalRequest
+    from ..eval_jobs import EvalRequest
 
-    overrides, slurm_overrides = split_slurm_overrides(list(getattr(args, "overrides", []) or []))
-    problem = _flag_problem(args, slurm_overrides)
-    if problem:
-        print(f"alit eval: {problem}", file=sys.stderr)
-        return 2
+    spec, slurm_overrides = prologue(args, DataSpec, args.config, check=_flag_problem)
     jobs = args.cluster != "none"
-    try:
-        spec = load_config(DataSpec, args.config, overrides)
-        shard = Shard.parse(args.shard or "0/1")
-        slurm = slurm_config_from_args(args, slurm_overrides) if jobs else None
-        if slurm is not None and slurm.num_tasks > 1:
-            raise ValueError(f"each evaluation job is one process, not {slurm.num_tasks} (--nodes/--tasks): "
-                             "spread the work with --shards N instead")
-        # with jobs this process only plans (on the CPU); each job picks its own device
-        device = "cpu" if jobs else (args.device or default_device())
-        models = load_models(args.tokenizer, args.prior, device)
-        budgets = parse_budgets(args.budgets, models.tokenizer.budgets, allow_adaptive=False)
-        settings = EvalSettings(budgets=tuple(int(b) for b in budgets), num_images=args.num_images,
-                                split=args.split, protocol=args.protocol, cfg_scale=args.cfg,
-                                temperature=args.temperature, steps=args.steps, seed=args.seed,
-                                adaptive_threshold=args.adaptive_threshold, chunk_size=args.batch_size)
-        name = models.tokenizer_tag + (f"+{models.prior_tag}" if models.prior is not None else "")
-        out = Path(args.out) if args.out else runs_dir() / "eval" / name
-        if jobs:  # the plan is made here (bad input fails before anything is queued); the jobs rebuild it
-            request = EvalRequest.from_parts(args.tokenizer, args.prior, spec.data, settings, args.tokens,
-                                             args.device)
-            return _run_jobs(args, request, request.build(device, models=models), out, slurm)
-        evaluation = Evaluation(models, spec.data, settings, device=device, progress=not args.no_progress,
-                                tokens=args.tokens)
-        report = evaluation.run(out, shard)
-    except (ConfigError, DataError, ValueError, KeyError, FileNotFoundError, CheckpointError) as e:
-        print(f"alit eval: {e}", file=sys.stderr)
-        return 2
+    shard = Shard.parse(args.shard or "0/1")
+    slurm = slurm_config_from_args(args, slurm_overrides) if jobs else None
+    if slurm is not None and slurm.num_tasks > 1:
+        raise UsageError(f"each evaluation job is one process, not {slurm.num_tasks} (--nodes/--tasks): "
+                         "spread the work with --shards N instead")
+    # with jobs this process only plans (on the CPU); each job picks its own device
+    device = "cpu" if jobs else (args.device or default_device())
+    models = load_models(args.tokenizer, args.prior, device)
+    settings = EvalSettings(budgets=args.budgets, num_images=args.num_images,  # checked by the Evaluation
+                            split=args.split, protocol=args.protocol, cfg_scale=args.cfg,
+                            temperature=args.temperature, steps=args.steps, seed=args.seed,
+                            adaptive_threshold=args.adaptive_threshold, chunk_size=args.batch_size)
+    name = models.tokenizer_tag + (f"+{models.prior_tag}" if models.prior is not None else "")
+    out = Path(args.out) if args.out else runs_dir() / "eval" / name
+    if jobs:  # the plan is made here (bad input fails before anything is queued); the jobs rebuild it
+        request = EvalRequest.from_parts(args.tokenizer, args.prior, spec.data, settings, args.tokens,
+                                         args.device)
+        return _run_jobs(args, request, request.build(device, models=models), out, slurm)
+    evaluation = Evaluation(models, spec.data, settings, device=device, progress=not args.no_progress,
+                            tokens=args.tokens)
+    report = evaluation.run(out, shard)
     if report is None:
         return 0
     print_report_table(report, out)
@@ -159,14 +147,10 @@ def run(args: argparse.Namespace) -> int:
 def _run_jobs(args: argparse.Namespace, request: EvalRequest, evaluation: Evaluation, out: Path,
               slurm: SlurmConfig | None) -> int:
     """Submit the evaluation as jobs; wait and print the table, or (``--no-wait``) print the job ids."""
-    from .eval_jobs import describe_tasks, submit_evaluation
+    from ..eval_jobs import describe_tasks, submit_evaluation
 
     shards = args.shards or 1
-    try:
-        sub = submit_evaluation(request, evaluation, shards=shards, out=out, slurm=slurm, cluster=args.cluster)
-    except ClusterError as e:
-        print(f"alit eval: {e}", file=sys.stderr)
-        return 2
+    sub = submit_evaluation(request, evaluation, shards=shards, out=out, slurm=slurm, cluster=args.cluster)
     merge = f"merge job {sub.merge.job_id} (after the array succeeds)" if sub.merge is not None else \
         "the merge job once the array has succeeded"
     print(f"[eval] submitted array {sub.array_id} ({args.cluster}; {describe_tasks(sub.tasks, shards)}) and "
@@ -179,6 +163,6 @@ def _run_jobs(args: argparse.Namespace, request: EvalRequest, evaluation: Evalua
         report = sub.wait()
     except SlurmJobError as e:
         print(f"alit eval: {e}", file=sys.stderr)
-        return 1
+        return EXIT_FAILED
     print_report_table(report, out)
     return 0

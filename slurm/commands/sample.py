@@ -12,9 +12,10 @@ Writes ``<out>/<prior name>-<hash8>/budget016-cfg1.5-seed0/`` (PNGs by global in
 from __future__ import annotations
 
 import argparse
-import sys
 
-from tokenizer.core.checkpoint import CheckpointError
+from tokenizer.core.errors import UsageError
+
+USER_ERRORS = (ValueError, KeyError)  # a budget, class or shard that does not fit the prior
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -37,48 +38,43 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="images per chunk and model batch; part of the result (keep it fixed across shards)")
     parser.add_argument("--shard", default="0/1", help="i/n: make shard i of n (default 0/1 = everything)")
     parser.add_argument("--tokens", default=None,
-                        help="token cache for 'adaptive' (default: the prior run's config.yaml names it)")
+                        help="token cache for 'adaptive' (default: the one the prior was trained on)")
     parser.add_argument("--no-png", action="store_true", help="write only the npz, no PNG per image")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def run(args: argparse.Namespace) -> int:
+    from generator.cache import prior_token_cache
     from sampling.generate import (
         ADAPTIVE,
         SampleSettings,
         Shard,
         budget_probs_from_cache,
         default_device,
-        find_token_cache,
         load_models,
         parse_budgets,
         parse_classes,
         sample_to_folder,
     )
 
-    try:
-        shard = Shard.parse(args.shard)
-        classes = parse_classes(args.classes)
-        models = load_models(args.tokenizer, args.prior, args.device or default_device())
-        prior = models.require_prior()
-        text = str(max(prior.space.budgets)) if args.budgets.strip().lower() == "max" else args.budgets
-        budgets = parse_budgets(text, prior.space.budgets)
-        probs = None
-        if ADAPTIVE in budgets:
-            cache = args.tokens or find_token_cache(args.prior)
-            if cache is None:
-                raise ValueError("'adaptive' needs the prior's token cache: pass --tokens <cache dir>")
-            probs = budget_probs_from_cache(cache, prior.space, "train", models.tokenizer_identity)
-        for budget in budgets:
-            settings = SampleSettings(budget=budget, num_images=args.num_images, cfg_scale=args.cfg,
-                                      temperature=args.temperature, steps=args.steps, seed=args.seed,
-                                      classes=classes, chunk_size=args.batch_size, top_k=args.top_k,
-                                      top_p=args.top_p)
-            folder = sample_to_folder(models, settings, args.out, shard, probs if budget == ADAPTIVE else None,
-                                      png=not args.no_png, progress=not args.no_progress)
-            print(f"[sample] {folder}")
-    except (ValueError, KeyError, FileNotFoundError, FileExistsError, CheckpointError) as e:
-        print(f"alit sample: {e}", file=sys.stderr)
-        return 2
+    shard = Shard.parse(args.shard)
+    classes = parse_classes(args.classes)
+    models = load_models(args.tokenizer, args.prior, args.device or default_device())
+    prior = models.require_prior()
+    budgets = parse_budgets(args.budgets, prior.space.budgets)
+    probs = None
+    if ADAPTIVE in budgets:
+        cache = args.tokens or prior_token_cache(args.prior)
+        if cache is None:
+            raise UsageError("'adaptive' needs the prior's token cache: pass --tokens <cache dir>")
+        probs = budget_probs_from_cache(cache, prior.space, "train", models.tokenizer_identity)
+    for budget in budgets:
+        settings = SampleSettings(budget=budget, num_images=args.num_images, cfg_scale=args.cfg,
+                                  temperature=args.temperature, steps=args.steps, seed=args.seed,
+                                  classes=classes, chunk_size=args.batch_size, top_k=args.top_k,
+                                  top_p=args.top_p)
+        folder = sample_to_folder(models, settings, args.out, shard, probs if budget == ADAPTIVE else None,
+                                  png=not args.no_png, progress=not args.no_progress)
+        print(f"[sample] {folder}")
     return 0

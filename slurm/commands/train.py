@@ -14,18 +14,15 @@ A run directory that already holds checkpoints is resumed. Overrides are dotted 
 from __future__ import annotations
 
 import argparse
-import sys
 
-from generator.cache import TokenizerMismatch
-from tokenizer.core.checkpoint import CheckpointError
-from tokenizer.core.config import ConfigError, load_config
-from tokenizer.core.data import DataError
 from tokenizer.core.trainer import Preempted, RunLocked, TrainingDiverged
 
-from .launcher import add_cluster_arguments, job_flags_problem, split_slurm_overrides
+from ..launcher import add_cluster_arguments
+from . import prologue
 
-# Failures that name their cause and fix in the message; anything else is a bug and keeps its traceback.
-EXPECTED_FAILURES = (RunLocked, TrainingDiverged, CheckpointError, DataError, TokenizerMismatch, FileNotFoundError)
+# The run started and failed; the message names the cause and the fix (exit 1). Bad input (config, data,
+# checkpoint, a prior's tokenizer) is a UserError (exit 2); anything else is a bug and keeps its traceback.
+RUN_FAILURES = (RunLocked, TrainingDiverged, Preempted)
 
 TARGETS = ("tokenizer", "prior")
 TAKES_OVERRIDES = True  # trailing key=value pairs arrive as args.overrides
@@ -45,29 +42,13 @@ def run(args: argparse.Namespace) -> int:
     else:
         from generator.train import PriorRunConfig as schema
         from generator.train import train_prior as train
-    overrides, slurm_overrides = split_slurm_overrides(args.overrides)
-    problem = job_flags_problem(args, slurm_overrides)
-    if problem:
-        print(f"alit train: {problem}", file=sys.stderr)
-        return 2
-    try:
-        cfg = load_config(schema, args.config, overrides)
-    except ConfigError as e:
-        print(f"alit train: {e}", file=sys.stderr)
-        return 2
+    cfg, slurm_overrides = prologue(args, schema, args.config)
     if args.cluster != "none":
-        from .jobs import run_on_cluster
+        from ..jobs import run_on_cluster
 
         cfg.run_dir = str(cfg.resolved_run_dir().absolute())  # the job may start in another directory
         return run_on_cluster(args, args.target, cfg, slurm_overrides)
-    try:
-        result = train(cfg)
-    except Preempted as e:
-        print(f"alit train: {e}", file=sys.stderr)
-        return 3
-    except EXPECTED_FAILURES as e:  # problems with the run's inputs or state: a message, not a traceback
-        print(f"alit train: {type(e).__name__}: {e}", file=sys.stderr)
-        return 1
+    result = train(cfg)
     print(f"[train] finished at step {result.step}; run directory: {result.run_dir}")
     if args.target == "prior":
         bpt = result.bits_per_token

@@ -9,9 +9,8 @@ CPU examples:
 from __future__ import annotations
 
 import argparse
-import sys
 
-from .data import DataConfig, DataError, ResizePolicy, build_dataset, scan_source
+from tokenizer.core.data import DataConfig, DataError, ResizePolicy, build_dataset, scan_source
 
 DEFAULTS = DataConfig()
 
@@ -34,17 +33,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Print the dataset summary; 2 with a one-line message on a data or config error."""
+    """Print the dataset summary (a data or config error is a DataError: exit 2)."""
     try:
         cfg = DataConfig(source=args.source, resolution=args.resolution, resize=ResizePolicy(args.resize),
                          val_fraction=args.val_fraction, split_seed=args.split_seed,
                          max_images=args.max_images)
-        source = scan_source(cfg)
-        splits = {name: build_dataset(cfg, name, source=source) for name in ("train", "val")
-                  if name == "train" or cfg.val_fraction > 0}
-    except (DataError, ValueError) as e:
-        print(f"alit data: error: {e}", file=sys.stderr)
-        return 2
+    except ValueError as e:  # DataConfig's own checks (--resolution, --val-fraction, ...)
+        raise DataError(str(e)) from None
+    source = scan_source(cfg)
+    splits = {name: build_dataset(cfg, name, source=source) for name in ("train", "val")
+              if name == "train" or cfg.val_fraction > 0}
     train, val = splits["train"], splits.get("val")
     n_val = len(val) if val is not None else 0
     print(f"source      {source.description}")

@@ -1,0 +1,57 @@
+"""The ``alit`` subcommands, one module each, registered in :data:`slurm.cli.COMMANDS`.
+
+A command module has ``configure(parser)`` (adds its arguments) and ``run(args) -> int`` (the exit code),
+and may set ``TAKES_OVERRIDES = True`` (trailing ``key=value`` pairs arrive as ``args.overrides``),
+``USER_ERRORS`` (more exception types that mean bad input for it: exit 2) and ``RUN_FAILURES`` (types
+that mean the run started and failed: exit 1). Bad input is raised, never printed here:
+:func:`slurm.cli.main` reports every :class:`~tokenizer.core.errors.UserError` in one place.
+:func:`prologue` is what every command with overrides does first.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TypeVar
+
+from tokenizer.core.config import load_config
+from tokenizer.core.errors import UsageError
+
+T = TypeVar("T")
+
+FlagCheck = Callable[[argparse.Namespace, list[str]], str | None]  # why the flags do not go together, or None
+
+
+def split_overrides(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """``args.overrides`` as (the command's own, the ``slurm.*`` ones); without ``--cluster`` all are its own."""
+    overrides = list(getattr(args, "overrides", None) or [])
+    if not hasattr(args, "cluster"):
+        return overrides, []
+    from ..launcher import split_slurm_overrides
+
+    return split_slurm_overrides(overrides)
+
+
+def check_job_flags(args: argparse.Namespace, slurm_overrides: Sequence[str],
+                    check: FlagCheck | None = None) -> None:
+    """Refuse job-only flags (resources, ``slurm.*`` overrides) without ``--cluster``: :class:`UsageError`."""
+    if not hasattr(args, "cluster"):
+        return
+    from ..launcher import job_flags_problem
+
+    problem = (check or job_flags_problem)(args, list(slurm_overrides))
+    if problem:
+        raise UsageError(problem)
+
+
+def prologue(args: argparse.Namespace, schema: type[T], config: str | Path | None,
+             check: FlagCheck | None = None) -> tuple[T, list[str]]:
+    """Split the overrides, check the job-only flags, load ``schema`` from ``config`` and the overrides.
+
+    Returns (the validated config, the ``slurm.*`` overrides for the job's resources).
+    """
+    own, slurm_overrides = split_overrides(args)
+    check_job_flags(args, slurm_overrides, check)
+    return load_config(schema, config, own), slurm_overrides
+
