@@ -22,6 +22,7 @@ from typing import Any, ClassVar, TypeVar
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 from tokenizer.core.attention import attention
@@ -116,12 +117,11 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None, seqlens: list[int] | None, causal: bool,
                 cache: KVCache | None, layer: int) -> torch.Tensor:
-        b, n, w = x.shape
-        q, k, v = self.qkv(x).view(b, n, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B,H,N,D)
+        q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)  # 3 x (B,H,N,D)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, H, cached + N, D)
         out = attention(q, k, v, key_mask=key_mask, seqlens=seqlens, causal=causal)  # (B, H, N, D)
-        return self.drop(self.proj(out.transpose(1, 2).reshape(b, n, w)))  # (B, N, W)
+        return self.drop(self.proj(rearrange(out, "b h n d -> b n (h d)")))  # (B, N, W)
 
 
 class Block(nn.Module):

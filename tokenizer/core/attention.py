@@ -25,6 +25,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 
 Backend = Literal["auto", "sdpa", "xformers"]
 
@@ -97,9 +98,9 @@ def _sdpa_packed(q, k, v, seqlens, causal) -> torch.Tensor:
     out = q.new_empty(q.shape)  # (1, H, L, D)
     for n, st in starts.items():
         idx = (torch.tensor(st, device=q.device)[:, None] + torch.arange(n, device=q.device)).reshape(-1)
-        group = [t[0][:, idx].unflatten(1, (len(st), n)).transpose(0, 1) for t in (q, k, v)]  # 3 x (g, H, n, D)
+        group = [rearrange(t[0][:, idx], "h (g n) d -> g h n d", n=n) for t in (q, k, v)]  # 3 x (g, H, n, D)
         o = F.scaled_dot_product_attention(*group, is_causal=causal)  # (g, H, n, D)
-        out[0][:, idx] = o.transpose(0, 1).flatten(1, 2)
+        out[0][:, idx] = rearrange(o, "g h n d -> h (g n) d")
     return out
 
 
@@ -124,7 +125,7 @@ def _sdpa(q, k, v, key_mask, seqlens, causal) -> torch.Tensor:
 def _xformers(q, k, v, key_mask, seqlens, causal) -> torch.Tensor:
     xops = _xformers_ops()
     fmha = xops.fmha
-    q_, k_, v_ = (t.transpose(1, 2) for t in (q, k, v))  # (B, L, H, D)
+    q_, k_, v_ = (rearrange(t, "b h l d -> b l h d") for t in (q, k, v))  # xformers' layout
     bias = None
     if seqlens is not None:
         lens = [int(s) for s in seqlens]
@@ -145,8 +146,8 @@ def _xformers(q, k, v, key_mask, seqlens, causal) -> torch.Tensor:
         bias.masked_fill_(~allowed[:, None], float("-inf"))
     elif causal:
         bias = fmha.attn_bias.LowerTriangularMask()
-    out = xops.memory_efficient_attention(q_, k_, v_, attn_bias=bias)
-    return out.transpose(1, 2)
+    out = xops.memory_efficient_attention(q_, k_, v_, attn_bias=bias)  # (B, Lq, H, D)
+    return rearrange(out, "b l h d -> b h l d")
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_mask: torch.Tensor | None = None,
