@@ -56,6 +56,9 @@ COMMANDS: tuple[Command, ...] = (
             "rFID/gFID, L1, LPIPS per token count and adaptively, into a report folder",
             "alit eval --tokenizer runs/emoji_finetune/final --prior runs/prior/final --num-images 64 "
             "--out runs/eval/emoji"),
+    Command("import-public", "slurm.commands.import_public",
+            "a released ALIT checkpoint (.pth) as a tokenizer directory of this stack, with a one-line check",
+            "alit import-public alit_small_vqgan_quantized_latents.pth --out $ALIT_HOME/models/alit_small"),
 )
 
 

@@ -149,3 +149,36 @@ def test_format_1_directories_are_refused_with_the_reason(tmp_path: Path) -> Non
     cfg.write_text(json.dumps({"format": "alit-tokenizer", "format_version": 1, "alit": {}}))
     with pytest.raises(CheckpointError, match="retrain it"):
         ALITTokenizer.from_pretrained(tmp_path / "tok")
+
+
+def _alit(*args: str, cwd: Path) -> "subprocess.CompletedProcess[str]":
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "ALIT_HOME": str(cwd / "home"), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "slurm.cli", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_import_public_command_and_reuse(tmp_path: Path) -> None:
+    """``alit import-public`` as a user runs it (from another directory), then ``alit reconstruct`` on its output."""
+    ckpt = str(GOLDEN / "halting_on" / "checkpoint.pth")
+    bad = _alit("import-public", ckpt, "--out", str(tmp_path / "tok"), cwd=tmp_path)
+    assert bad.returncode == 2 and "--encoder-heads" in bad.stderr and "Traceback" not in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
+    (tmp_path / "cut.pth").write_bytes((GOLDEN / "halting_on" / "checkpoint.pth").read_bytes()[:5000])
+    cut = _alit("import-public", str(tmp_path / "cut.pth"), "--out", str(tmp_path / "tok"), cwd=tmp_path)
+    assert cut.returncode == 2 and "truncated" in cut.stderr and "Traceback" not in cut.stderr
+    assert not (tmp_path / "tok").exists()  # nothing written on a failure
+    ok = _alit("import-public", ckpt, "--out", str(tmp_path / "tok"), "--encoder-heads", "4", "--decoder-heads", "4",
+               cwd=tmp_path)
+    assert ok.returncode == 0, ok.stderr
+    assert "check: emoji val image 0 at 8 tokens -> ids [" in ok.stdout and "reconstruction L1" in ok.stdout
+    tok = ALITTokenizer.from_pretrained(tmp_path / "tok")
+    _, x01, gold = _load("halting_on")
+    assert torch.equal(tok.encode(x01 * 2 - 1, 8), gold["latent_vq_indices_0"])
+    rec = _alit("reconstruct", "--tokenizer", str(tmp_path / "tok"), "--out", str(tmp_path / "recon"),
+                "--budgets", "8,adaptive", "--num-images", "4", "--no-png", "--no-progress", cwd=tmp_path)
+    assert rec.returncode == 0, rec.stderr
+    assert len(list((tmp_path / "recon").rglob("*.npz"))) == 2

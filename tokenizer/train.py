@@ -26,12 +26,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .alit import ALITTokenizer
+from .bases import build_base, load_base
 from .core.data import DataConfig, ImageDataset, build_dataset, scan_source
 from .core.images import save_grid
 from .core.paths import runs_dir
 from .core.trainer import Phase, TrainConfig, Trainer
 from .losses import ReconstructionLoss, ReconstructionLossConfig
-from .vq import BaseVQ, base_vq_config, codebook_stats
+from .vq import codebook_stats
 
 PUBLIC_ITER_WEIGHTS = [2.5, 2.0, 1.5, 1.25, 1.0, 1.0, 1.0, 1.0]
 
@@ -64,7 +65,7 @@ class TokenizerRunConfig:
     run_dir: str | None = None  # explicit run directory (resumed if it holds checkpoints)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    vq_size: str = "tiny"  # stage vq: registered base VQ size (tokenizer.vq.BASE_VQ_SIZES)
+    vq_size: str = "tiny"  # stage vq: registered base size (tokenizer.vq.BASE_VQ_SIZES, tokenizer.vqgan.MAGE_VQGAN_SIZES)
     vq: dict[str, Any] = field(default_factory=dict)  # stage vq: overrides of that size's fields
     alit_size: str = "tiny"  # stage distill: registered ALIT size (tokenizer.alit.ALIT_SIZES)
     alit: dict[str, Any] = field(default_factory=dict)  # stage distill: overrides of that size's fields
@@ -138,7 +139,7 @@ class VQTask(_GANStageTask):
 
     def __init__(self, cfg: TokenizerRunConfig, val_images: torch.Tensor) -> None:
         super().__init__(cfg, val_images)
-        self.model = BaseVQ(base_vq_config(cfg.vq_size, resolution=cfg.data.resolution, **cfg.vq))
+        self.model = build_base(cfg.vq_size, resolution=cfg.data.resolution, **cfg.vq)
         self.loss = ReconstructionLoss(cfg.loss, _perceptual(cfg))
         self.extra = [self.loss]
         self.lr_scales = {"disc": cfg.loss.disc_lr_factor}
@@ -167,7 +168,7 @@ class DistillTask(_StageTask):
 
     def __init__(self, cfg: TokenizerRunConfig, val_images: torch.Tensor) -> None:
         super().__init__(cfg, val_images)
-        base = BaseVQ.from_pretrained(cfg.base).eval().requires_grad_(False)
+        base = load_base(cfg.base).eval().requires_grad_(False)
         self.model = ALITTokenizer.build(base, cfg.alit_size, image_size=cfg.data.resolution, **cfg.alit)
 
     def modules(self) -> dict[str, nn.Module]:
@@ -245,13 +246,17 @@ class FinetuneTask(_GANStageTask):
 
 @torch.no_grad()
 def evaluate_budgets(model: ALITTokenizer, images: torch.Tensor) -> dict[str, float]:
-    """Reconstruction L1 ([0, 1] units) at every budget, and codebook use of the largest budget's ids."""
+    """Reconstruction L1 ([0, 1] units) and cross-entropy on the base indices (nats) at every budget, and
+    codebook use of the largest budget's ids."""
     model.eval()
     metrics: dict[str, float] = {}
     ids = None
+    targets = model.features_and_targets(images)[1]  # (V, N) the base indices ALIT predicts
     for budget in model.budgets:
         ids = model.encode(images, budget)
         metrics[f"val_l1/{budget:04d}"] = float(l1_01(model.decode(ids), images).mean())
+        logits = model.decode_logits(ids)  # (V, N, Kb)
+        metrics[f"val_ce/{budget:04d}"] = float(F.cross_entropy(logits.float().transpose(1, 2), targets))
     stats = codebook_stats(ids, model.codebook_size)
     metrics.update({"codebook_usage": stats["usage"], "codebook_perplexity": stats["perplexity"]})
     return metrics
