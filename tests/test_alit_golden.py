@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -127,7 +130,7 @@ def test_foreign_objects_and_truncated_files_are_refused(tmp_path: Path) -> None
     for name, bad in (("object", Foreign()), ("set", {1, 2}), ("bytes", b"abc"), ("numpy", __import__("numpy").zeros(2))):
         path = tmp_path / f"{name}.pth"
         torch.save({**raw, "extra": bad}, path)
-        with pytest.raises(CheckpointError, match="not allowed|holds only"):
+        with pytest.raises(CheckpointError, match=r"not allowed|holds only"):
             read_public_checkpoint(path)
     data = (GOLDEN / "halting_off" / "checkpoint.pth").read_bytes()
     (tmp_path / "cut.pth").write_bytes(data[: len(data) // 2])
@@ -151,11 +154,7 @@ def test_format_1_directories_are_refused_with_the_reason(tmp_path: Path) -> Non
         ALITTokenizer.from_pretrained(tmp_path / "tok")
 
 
-def _alit(*args: str, cwd: Path) -> "subprocess.CompletedProcess[str]":
-    import os
-    import subprocess
-    import sys
-
+def _alit(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "ALIT_HOME": str(cwd / "home"), "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "slurm.cli", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=600)

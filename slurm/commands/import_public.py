@@ -14,8 +14,12 @@ reconstruction L1.
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from tokenizer.core.checkpoint import CheckpointError
+
+if TYPE_CHECKING:
+    from tokenizer.alit import ALITTokenizer
 
 TAKES_OVERRIDES = False
 USER_ERRORS = (CheckpointError,)  # a foreign, truncated or inconsistent checkpoint, or a bad --out
@@ -35,7 +39,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="halting threshold on p(true base index) (public default 0.55)")
 
 
-def _check_line(tok) -> str:  # noqa: ANN001
+def _check_line(tok: ALITTokenizer) -> str:
+    """The ids of a bundled image at the smallest budget and its reconstruction L1."""
     import torch
     import torch.nn.functional as F
 
