@@ -1,7 +1,7 @@
 """FID, KID and precision/recall of image sets: one named protocol per number, float64 streaming statistics.
 
 Every number says how it was computed. A :class:`FIDProtocol` fixes the preprocessing in front of the one
-FID InceptionV3 (TF 2015-12-05 graph, pool3, 2048-d; weights from ``tokenizer.core.weights``):
+FID InceptionV3 (TF 2015-12-05 graph, pool3, 2048-d; network and weights in ``sampling/inception.py``):
 
 ``torch_fidelity`` (default)
     uint8 images go into torch-fidelity's own network, which resizes to 299x299 with its TF1-compatible
@@ -59,16 +59,19 @@ from scipy.linalg.lapack import dpstrf
 from tqdm.auto import tqdm
 
 from tokenizer.core.data import EMOJI, IMAGE_EXTENSIONS, SPLITS, DataConfig, build_dataset, split_order
-from tokenizer.core.inception import (
+from tokenizer.core.io import atomic_path, package_version, sha256_file
+from tokenizer.core.paths import ASSETS, cache_dir
+from tokenizer.core.weights import read_state_dict
+
+from .inception import (
     FEATURE_DIM,
+    INCEPTION_FC_KEYS,
     TORCH_FIDELITY_NAME,
     CleanFIDInception,
     FIDInceptionV3,
     InceptionPool3,
+    resolve_inception,
 )
-from tokenizer.core.io import atomic_path, package_version, sha256_file
-from tokenizer.core.paths import ASSETS, cache_dir
-from tokenizer.core.weights import INCEPTION_FC_KEYS, read_state_dict, resolve_inception
 
 __all__ = ["ISC_NOTE", "PRC_BACKBONES", "PRC_NOTE", "FIDProtocol", "FeatureExtractor", "FeatureStats", "MetricUnavailable",
            "accumulate", "evaluate_features", "extract_features", "fid", "fid_from_stats", "frechet_distance",

@@ -6,7 +6,7 @@ What is measured, per budget ``b`` of the tokenizer (and for token-count selecti
   (:func:`sampling.fid.reference_stats` of the same images: all of the split, or its seeded
   class-stratified subset of ``num_images``), under one :class:`~sampling.fid.FIDProtocol`.
 - **L1** (mean absolute error in [0, 1] pixel units) and **LPIPS** (VGG16 v0.1,
-  :class:`tokenizer.core.lpips.LPIPS`) of the same reconstructions against the originals.
+  :class:`tokenizer.lpips.LPIPS`) of the same reconstructions against the originals.
 - **gFID** (with a prior): ``n`` samples (classes round-robin ``i % C``, CFG scale, temperature, steps,
   seed) vs the same reference statistics. Adaptive gFID draws budgets from the prior's token cache
   (TSC lengths of its training split); without one it is ``null`` with a note.
@@ -352,7 +352,7 @@ class Evaluation:
     def lpips(self) -> torch.nn.Module:
         """LPIPS-VGG16 on the models' device (loaded on first use: a fully cached run never loads it)."""
         if self._lpips is None:
-            from tokenizer.core.lpips import LPIPS
+            from tokenizer.lpips import LPIPS
 
             self._lpips = LPIPS().to(self.models.device)
         return self._lpips

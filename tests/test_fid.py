@@ -35,10 +35,15 @@ from sampling.fid import (
     reference_features,
     reference_stats,
 )
+from sampling.inception import (
+    INCEPTION_FC_KEYS,
+    cleanfid_feature_extractor,
+    resolve_inception,
+    torch_fidelity_kwargs,
+)
 from tokenizer.core.data import DataConfig, build_dataset
-from tokenizer.core.inception import cleanfid_feature_extractor, torch_fidelity_kwargs
 from tokenizer.core.paths import ASSETS
-from tokenizer.core.weights import INCEPTION_FC_KEYS, read_state_dict, resolve_inception
+from tokenizer.core.weights import read_state_dict
 
 N = 40  # images per set
 CATEGORIES = ("Flags", "Smileys & Emotion")

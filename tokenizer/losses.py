@@ -175,7 +175,7 @@ class ReconstructionLoss(nn.Module):
         super().__init__()
         if cfg.perceptual_weight > 0 and perceptual is None:
             raise ValueError("perceptual_weight > 0 but no perceptual network given; pass "
-                             "perceptual=LPIPS() (tokenizer.core.lpips) or set perceptual_weight=0")
+                             "perceptual=LPIPS() (tokenizer.lpips) or set perceptual_weight=0")
         self.cfg = cfg
         self.perceptual = perceptual
         if perceptual is not None:

@@ -93,7 +93,7 @@ class TokenizerRunConfig:
 def _perceptual(cfg: TokenizerRunConfig) -> nn.Module | None:
     if cfg.loss.perceptual_weight <= 0:
         return None
-    from .core.lpips import LPIPS
+    from .lpips import LPIPS
 
     return LPIPS(cfg.lpips_weights)
 
