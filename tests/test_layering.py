@@ -16,9 +16,6 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS = ("tokenizer", "generator", "sampling", "slurm")  # bottom up
 CORE = "tokenizer.core"
 
-# Thin aliases kept while slurm/commands/weights.py still imports the FID Inception and LPIPS from their
-# old paths; delete each alias module and its entry together.
-TEMPORARY_ALIASES = {("tokenizer.core.inception", "sampling.inception"), ("tokenizer.core.lpips", "tokenizer.lpips")}
 
 
 def _module_name(path: Path) -> str:
@@ -99,8 +96,6 @@ def layering_violations(graph: dict[str, set[str]]) -> list[str]:
     found = []
     for source, targets in sorted(graph.items()):
         for target in sorted(targets):
-            if (source, target) in TEMPORARY_ALIASES:
-                continue
             up = rank[target.split(".")[0]] > rank[source.split(".")[0]]
             out_of_core = (source == CORE or source.startswith(CORE + ".")) and target.startswith("tokenizer.") \
                 and not (target == CORE or target.startswith(CORE + "."))

@@ -17,9 +17,11 @@ from pathlib import Path
 
 import torch
 
+from sampling.inception import fid_feature_extractor  # importing it registers the FID Inception
 from tokenizer.core.errors import EXIT_FAILED
 from tokenizer.core.paths import ASSETS
 from tokenizer.core.weights import ResolvedWeights, WeightsLayoutError, WeightsNotFound, resolve_weights
+from tokenizer.lpips import LPIPS, REFERENCE_DISTANCES, load_image, reference_distances  # registers LPIPS
 
 LPIPS_TOLERANCE = 1e-3
 
@@ -47,7 +49,6 @@ def _describe(resolved: ResolvedWeights) -> None:
 
 
 def _verify_lpips(resolved: ResolvedWeights) -> bool:
-    from tokenizer.core.lpips import LPIPS, REFERENCE_DISTANCES, reference_distances
 
     model = LPIPS(resolved.path)
     folder = examples_dir()
@@ -64,8 +65,6 @@ def _verify_lpips(resolved: ResolvedWeights) -> bool:
 
 
 def _verify_inception(resolved: ResolvedWeights) -> bool:
-    from tokenizer.core.inception import fid_feature_extractor
-    from tokenizer.core.lpips import load_image
 
     extractor = fid_feature_extractor("cpu", weights=resolved.path)
     folder = examples_dir()
