@@ -29,13 +29,14 @@ from torch.utils.data import Dataset
 
 from tokenizer.core.trainer import Phase
 
-from .ar import AR, ar_config, ar_loss, ar_nll
-from .maskgit import MaskGIT, maskgit_config, maskgit_loss, maskgit_nll
+from .ar import AR, AR_SIZES, ar_config, ar_loss, ar_nll
+from .maskgit import MASKGIT_SIZES, MaskGIT, maskgit_config, maskgit_loss, maskgit_nll
 from .tokens import NO_LABEL, PAD_ID, TokenBatch
 from .transformer import Prior, PriorLoss, read_pretrained_config
 
 PRIORS: dict[str, type[Prior]] = {"maskgit": MaskGIT, "ar": AR}
 CONFIGS = {"maskgit": maskgit_config, "ar": ar_config}
+SIZES: dict[str, dict[str, dict[str, Any]]] = {"maskgit": MASKGIT_SIZES, "ar": AR_SIZES}  # size registries by kind
 
 
 def build_prior(kind: str, size: str = "tiny", **overrides: Any) -> Prior:

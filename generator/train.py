@@ -16,11 +16,14 @@ from typing import Any
 import torch
 
 from tokenizer.core.checkpoint import tokenizer_identity
+from tokenizer.core.config import check_choice, check_overrides
 from tokenizer.core.paths import runs_dir
 from tokenizer.core.trainer import TrainConfig, Trainer
 
 from .cache import check_identity, load_token_cache, write_identity
-from .tasks import PriorTask, TokenDataset, build_prior, collate_tokens, unigram_bits_per_token
+from .tasks import PRIORS, SIZES, PriorTask, TokenDataset, build_prior, collate_tokens, unigram_bits_per_token
+
+CACHE_FIELDS = ("codebook_size", "tokens_per_iter", "num_budgets")  # prior fields read from the token cache
 
 
 class PriorKind(Enum):
@@ -50,6 +53,11 @@ class PriorRunConfig:
     def __post_init__(self) -> None:
         if not self.tokens:
             raise ValueError("tokens=<token cache directory> is required (make one with `alit tokenize`)")
+        kind = self.kind.value
+        check_choice(f"size (of a {kind} prior)", self.size, SIZES[kind])
+        check_overrides("model", PRIORS[kind].config_class, self.model, f"kind={kind}, size={self.size}",
+                        fixed={**dict.fromkeys(CACHE_FIELDS, "the token cache (tokens=...)"),
+                               "num_classes": "the token cache's labels and conditional"})
 
     def resolved_run_dir(self) -> Path:
         return Path(self.run_dir) if self.run_dir else runs_dir() / self.name

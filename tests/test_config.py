@@ -103,3 +103,65 @@ def test_required_keys_marked_in_the_file_must_be_given(tmp_path: Path) -> None:
         load_config(Outer, tmp_path / "gpu.yaml", ["inner.lr=0.1"])
     cfg = load_config(Outer, tmp_path / "gpu.yaml", ["inner.lr=0.1", "name=run"])
     assert (cfg.name, cfg.inner.lr, cfg.inner.steps) == ("run", 0.1, 5)
+
+
+# The run configs' model overrides (vq, alit, prior model) are checked against the model config.
+@pytest.mark.parametrize(
+    ("config", "overrides", "needles"),
+    [
+        ("configs/tokenizer/distill_emoji_cpu.yaml", ["base=/b", "alit.wdith=64"],
+         ["alit.wdith", "ALITConfig", "alit_size=small_cpu", "'width'", "spelling"]),
+        ("configs/tokenizer/vq_emoji_cpu.yaml", ["vq.latent_chanels=8"],
+         ["vq.latent_chanels", "BaseVQConfig", "vq_size=tiny", "'latent_channels'"]),
+        ("configs/tokenizer/vq_emoji_cpu.yaml", ["vq_size=mage_tiny", "vq.n_embd=8"],
+         ["vq.n_embd", "MageVQGANConfig", "'n_embed'"]),
+        ("configs/prior/maskgit_emoji_cpu.yaml", ["tokens=/t", "model.dept=2"],
+         ["model.dept", "MaskGITConfig", "kind=maskgit, size=tiny", "'depth'"]),
+        ("configs/prior/ar_emoji_cpu.yaml", ["tokens=/t", "model.mask_schedule=cosine"],
+         ["model.mask_schedule", "ARConfig"]),
+        ("configs/tokenizer/vq_emoji_cpu.yaml", ["vq.resolution=32"], ["vq.resolution", "data.resolution"]),
+        ("configs/prior/maskgit_emoji_cpu.yaml", ["tokens=/t", "model.codebook_size=8"],
+         ["model.codebook_size", "token cache"]),
+    ],
+)
+def test_misspelled_model_key_is_a_config_error(config: str, overrides: list[str], needles: list[str]) -> None:
+    from generator.train import PriorRunConfig
+    from tokenizer.train import TokenizerRunConfig
+
+    schema = PriorRunConfig if "prior" in config else TokenizerRunConfig
+    with pytest.raises(ConfigError) as err:
+        load_config(schema, config, overrides)
+    for needle in needles:
+        assert needle in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("config", "overrides", "needles"),
+    [
+        ("configs/tokenizer/vq_emoji_cpu.yaml", ["vq_size=tinny"], ["vq_size 'tinny'", "'mage_tiny'", "'tiny'"]),
+        ("configs/tokenizer/distill_emoji_cpu.yaml", ["base=/b", "alit_size=smal"],
+         ["alit_size 'smal'", "'small_cpu'"]),
+        ("configs/prior/maskgit_emoji_cpu.yaml", ["tokens=/t", "size=ar_b"], ["'ar_b'", "'maskgit_b'"]),
+        ("configs/prior/ar_emoji_cpu.yaml", ["tokens=/t", "size=maskgit_b"], ["'maskgit_b'", "'ar_b'"]),
+    ],
+)
+def test_unknown_size_lists_the_choices(config: str, overrides: list[str], needles: list[str]) -> None:
+    from generator.train import PriorRunConfig
+    from tokenizer.train import TokenizerRunConfig
+
+    schema = PriorRunConfig if "prior" in config else TokenizerRunConfig
+    with pytest.raises(ConfigError) as err:
+        load_config(schema, config, overrides)
+    for needle in needles:
+        assert needle in str(err.value)
+
+
+def test_valid_model_overrides_still_load() -> None:
+    from generator.train import PriorRunConfig
+    from tokenizer.train import TokenizerRunConfig
+
+    cfg = load_config(TokenizerRunConfig, "configs/tokenizer/distill_emoji_cpu.yaml",
+                      ["base=/b", "alit.width=128", "alit.decoder_depth=2"])
+    assert cfg.alit == {"width": 128, "decoder_depth": 2}
+    prior = load_config(PriorRunConfig, "configs/prior/maskgit_emoji_cpu.yaml", ["tokens=/t", "model.heads=2"])
+    assert prior.model["heads"] == 2 and prior.model["width"] == 128

@@ -13,9 +13,10 @@ import torch
 from torch import nn
 
 from .core.checkpoint import CheckpointError
+from .core.config import check_choice
 from .core.pretrained import CONFIG_FILE
-from .vq import BASE_VQ_SIZES, LEGACY_CONFIG_NAME, BaseVQ, base_vq_config
-from .vqgan import MAGE_VQGAN_SIZES, MageVQGAN, mage_vqgan_config
+from .vq import BASE_VQ_SIZES, LEGACY_CONFIG_NAME, BaseVQ, BaseVQConfig, base_vq_config
+from .vqgan import MAGE_VQGAN_SIZES, MageVQGAN, MageVQGANConfig, mage_vqgan_config
 
 BASES: dict[str, type[nn.Module]] = {"BaseVQ": BaseVQ, "MageVQGAN": MageVQGAN}
 
@@ -25,14 +26,18 @@ def base_sizes() -> list[str]:
     return sorted([*BASE_VQ_SIZES, *MAGE_VQGAN_SIZES])
 
 
+def base_config_class(size: str) -> type[BaseVQConfig] | type[MageVQGANConfig]:
+    """The config dataclass of registered base ``size``; an unknown size is an error listing the sizes."""
+    check_choice("base size", size, base_sizes())
+    return MageVQGANConfig if size in MAGE_VQGAN_SIZES else BaseVQConfig
+
+
 def build_base(size: str, resolution: int | None = None, **overrides: Any) -> nn.Module:
     """A fresh base tokenizer of registered ``size`` (``tiny``, ..., ``mage``, ``mage_tiny``) at ``resolution``."""
     extra = {"resolution": resolution} if resolution is not None else {}
-    if size in MAGE_VQGAN_SIZES:
+    if base_config_class(size) is MageVQGANConfig:
         return MageVQGAN(mage_vqgan_config(size, **extra, **overrides))
-    if size in BASE_VQ_SIZES:
-        return BaseVQ(base_vq_config(size, **extra, **overrides))
-    raise ValueError(f"unknown base size {size!r}; choose one of {base_sizes()}")
+    return BaseVQ(base_vq_config(size, **extra, **overrides))
 
 
 def load_base(path: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:

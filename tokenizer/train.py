@@ -25,8 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .alit import ALITTokenizer
-from .bases import build_base, load_base
+from .alit import ALIT_SIZES, ALITConfig, ALITTokenizer
+from .bases import base_config_class, base_sizes, build_base, load_base
+from .core.config import check_choice, check_overrides
 from .core.data import DataConfig, ImageDataset, build_dataset, scan_source
 from .core.images import save_grid
 from .core.paths import runs_dir
@@ -35,6 +36,8 @@ from .losses import ReconstructionLoss, ReconstructionLossConfig
 from .vq import codebook_stats
 
 PUBLIC_ITER_WEIGHTS = [2.5, 2.0, 1.5, 1.25, 1.0, 1.0, 1.0, 1.0]
+# the ALIT fields ALITTokenizer.build copies from the base tokenizer: not overridable
+BASE_FIELDS = ("patch_size", "base_grid", "base_code_dim", "base_codebook_size")
 
 
 class Stage(Enum):
@@ -85,6 +88,12 @@ class TokenizerRunConfig:
                              "(a distill run's final/)")
         if self.val_images < 1:
             raise ValueError(f"val_images must be >= 1, got {self.val_images}")
+        check_choice("vq_size", self.vq_size, base_sizes())
+        check_overrides("vq", base_config_class(self.vq_size), self.vq, f"vq_size={self.vq_size}",
+                        fixed={"resolution": "data.resolution"})
+        check_choice("alit_size", self.alit_size, ALIT_SIZES)
+        check_overrides("alit", ALITConfig, self.alit, f"alit_size={self.alit_size}",
+                        fixed=dict.fromkeys(BASE_FIELDS, "the base tokenizer (base=...)"))
 
     def resolved_run_dir(self) -> Path:
         return Path(self.run_dir) if self.run_dir else runs_dir() / self.name

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -96,7 +96,7 @@ def parse_overrides(overrides: Sequence[str]) -> DictConfig:
 
 def _structured(schema: type[Any]) -> DictConfig:
     """The schema as a struct config: unknown keys are errors, except inside free-form ``dict`` fields
-    (e.g. size overrides), whose keys are checked by the model config they are applied to."""
+    (e.g. size overrides), whose keys the schema's ``__post_init__`` checks (:func:`check_overrides`)."""
     base = OmegaConf.structured(schema)
     OmegaConf.set_struct(base, True)
 
@@ -160,6 +160,31 @@ def from_dict(schema: type[T], data: dict[str, Any]) -> T:
         return OmegaConf.to_object(OmegaConf.merge(base, OmegaConf.create(data)))  # type: ignore[return-value]
     except OmegaConfBaseException as e:
         raise _explain(e, schema.__name__) from None
+
+
+def check_choice(key: str, value: str, choices: Iterable[str]) -> None:
+    """A :class:`ValueError` naming ``key`` and listing ``choices`` unless ``value`` is one of them (a
+    registered size name, say); raised in a schema's ``__post_init__`` it becomes a :class:`ConfigError`."""
+    names = sorted(choices)
+    if value not in names:
+        raise ValueError(f"unknown {key} {value!r}; choose one of {names}")
+
+
+def check_overrides(section: str, model_config: type[Any], overrides: Mapping[str, Any], chosen: str,
+                    fixed: Mapping[str, str] | None = None) -> None:
+    """Check the keys of a free-form override dict (``section``, e.g. ``alit``) against the fields of the
+    dataclass ``model_config`` they will be applied to, so a misspelled model key is an error when the
+    config is loaded, not when the model is built. ``chosen`` says which size or kind picked
+    ``model_config`` (for the message); ``fixed`` maps fields the run sets itself to where they come from.
+    """
+    names = sorted(f.name for f in dataclasses.fields(model_config) if f.init and f.name not in (fixed or {}))
+    for key in overrides:
+        if fixed and key in fixed:
+            raise ValueError(f"{section}.{key} cannot be overridden: the run sets it from {fixed[key]}; "
+                             f"remove {section}.{key}")
+        if key not in names:
+            raise ValueError(f"unknown key {section}.{key}: not a field of {model_config.__name__} ({chosen}); "
+                             f"check its spelling against the valid keys {names}")
 
 
 def git_commit() -> str:
