@@ -76,7 +76,8 @@ def images() -> torch.Tensor:
 
 
 def _l1(tok: ALITTokenizer, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    return (tok.decode(ids) - x).abs().flatten(1).mean(1) / 2  # (B,) in [0, 1] pixel units
+    """The selection metric: unclamped reconstruction error ``(B,)`` in [0, 1] pixel units."""
+    return (tok.logits_to_images(tok.decode_logits(ids)) - x).abs().flatten(1).mean(1) / 2
 
 
 def _with_threshold(tok: ALITTokenizer, thr: float, halting: bool = True) -> ALITTokenizer:

@@ -93,6 +93,35 @@ def test_index_api_reproduces_the_public_codes(case: str, tmp_path: Path) -> Non
         _close(loaded.decode(ids), recon.clamp(-1, 1), 1e-3, f"decode {budget} (clamped)")
 
 
+def test_per_image_selection_follows_the_public_metric() -> None:
+    """encode_adaptive picks, per image, the first budget whose public L1 (recon_l1_per_image) is below the
+    threshold, else the lowest-error one; the public code picks one budget for the whole batch."""
+    tok, x01, gold = _load("halting_on")
+    errs = torch.stack([gold[f"recon_l1_per_image_{t}"] for t in range(tok.config.num_iters)], 1)  # (B, T)
+    budgets = torch.tensor(tok.budgets)
+    for thr in (0.0, float(errs.median()), float(errs.max()) + 1):
+        below = errs < thr
+        want = torch.where(below.any(1), budgets[below.float().argmax(1)], budgets[errs.argmin(1)])
+        ids, lengths = tok.encode_adaptive(x01 * 2 - 1, thr)
+        assert torch.equal(lengths, want), thr
+        for i, k in enumerate(lengths.tolist()):
+            assert torch.equal(ids[i, :k], gold[f"latent_vq_indices_{k // tok.tokens_per_iter - 1}"][i])
+
+
+def test_sampled_halting_is_a_training_switch() -> None:
+    """halting_sample (the public Bernoulli draw) acts in training only: in eval the golden case holds."""
+    ckpt = read_public_checkpoint(GOLDEN / "halting_on" / "checkpoint.pth")
+    tok = tokenizer_from_public(ckpt, HEADS, HEADS)
+    tok.alit.config.halting_sample = True
+    _, x01, gold = _load("halting_on")
+    with torch.no_grad():
+        assert torch.equal(tok.eval().encode(x01 * 2 - 1, 32), gold["latent_vq_indices_3"])
+        torch.manual_seed(0)
+        out = tok.train()(x01 * 2 - 1, supervise=[0, 1])
+    sampled, rule = out.halted[1], gold["halt_mask_0"].bool()
+    assert bool((sampled <= rule).all()) and int(sampled.sum()) < int(rule.sum())  # a subset: p >= thr and a draw
+
+
 def test_safetensors_layout_and_inferred_architecture() -> None:
     manifest = json.loads((GOLDEN / "halting_on" / "manifest.json").read_text())["config"]["alit"]
     for source in ("checkpoint.pth", "weights.safetensors"):

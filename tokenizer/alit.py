@@ -769,9 +769,10 @@ class ALITTokenizer(nn.Module):
         """Per image, the first budget whose reconstruction error is below ``threshold``.
 
         The error is the mean absolute pixel error in [0, 1] units (images mapped from [-1, 1]; the
-        paper's default threshold is 0.07), of the clamped reconstruction. An image that never gets
-        below it takes its lowest-error budget (up to ``max_budget``). Iterations run only as far as
-        some image still needs; images are dropped from the batch once settled.
+        paper's default threshold is 0.07), of the unclamped reconstruction, as the public code's
+        ``encode`` computes it, but per image (the public code picks one budget per batch). An image that
+        never gets below it takes its lowest-error budget (up to ``max_budget``). Iterations run only as
+        far as some image still needs; images are dropped from the batch once settled.
 
         Returns ``(ids (B, max_budget) long padded with PAD_ID, lengths (B,) long)``.
         """
@@ -790,7 +791,7 @@ class ALITTokenizer(nn.Module):
             state = alit.step(state, halt)
             codes, ids, _ = alit.bottleneck(state)  # (b', k, D), (b', k)
             logits = alit.decode_logits(codes)
-            recon = self.logits_to_images(logits).clamp(-1, 1)
+            recon = self.logits_to_images(logits)  # unclamped, as the public selection metric
             err = (recon.float() - images[active].float()).abs().flatten(1).mean(1) / 2  # (b',) [0,1] units
             better = err < best[active]
             rows = active[better]
