@@ -102,9 +102,8 @@ class DataSpec:
     data: DataConfig = field(default_factory=DataConfig)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Pixels: any PIL mode or array layout -> RGB uint8
-# ---------------------------------------------------------------------------------------------------------
+# ============================================================================ pixels
+# any PIL mode or array layout -> RGB uint8
 
 def composite_on_white(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
     """``rgb`` (..., 3) uint8 over a white background with ``alpha`` (...) uint8 -> (..., 3) uint8 (rounded)."""
@@ -169,9 +168,7 @@ def array_to_rgb_uint8(images: np.ndarray, what: str = "images") -> np.ndarray:
     return images
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Geometry
-# ---------------------------------------------------------------------------------------------------------
+# ============================================================================ geometry
 
 def _needs_upscale(width: int, height: int, resolution: int, policy: ResizePolicy) -> bool:
     return policy is not ResizePolicy.resize and min(width, height) < resolution
@@ -209,9 +206,8 @@ def crop(arr: np.ndarray, resolution: int, offset: tuple[int, int] | None) -> np
     return arr[top:top + resolution, left:left + resolution]  # (R, R, 3)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Deterministic hashing (splitmix64): split order and per-item augmentation, no RNG state anywhere
-# ---------------------------------------------------------------------------------------------------------
+# ============================================================================ deterministic hashing
+# splitmix64: split order and per-item augmentation, no RNG state anywhere
 
 _MASK64 = (1 << 64) - 1
 
@@ -466,9 +462,7 @@ def scan_source(cfg: DataConfig) -> Source:
     return _scan_folder(root, cfg)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# The dataset
-# ---------------------------------------------------------------------------------------------------------
+# ============================================================================ the dataset
 
 class ImageDataset(Dataset):
     """One split of a :class:`Source`: items ``(image (3,R,R) float32 in [-1,1], label int)``.
@@ -494,7 +488,7 @@ class ImageDataset(Dataset):
         self.runtime_failures: dict[int, str] = {}  # source index -> reason, for files that broke later
         self.labels = torch.from_numpy(source.labels[self.indices].copy())  # (n,) int64
 
-    # -- metadata ------------------------------------------------------------------------------------------
+    # ------------------------------------------------------------------ metadata
     @property
     def num_classes(self) -> int:
         """Number of classes of the source (0 when unlabeled)."""
@@ -527,7 +521,7 @@ class ImageDataset(Dataset):
     def __repr__(self) -> str:
         return f"ImageDataset({self.summary()})"
 
-    # -- items ---------------------------------------------------------------------------------------------
+    # ------------------------------------------------------------------ items
     def set_epoch(self, epoch: int) -> None:
         """Select the augmentation of ``epoch`` for plain integer indexing."""
         self.epoch = int(epoch)
