@@ -36,9 +36,9 @@ from diffusers import VQModel
 from safetensors.torch import load_file
 from torch import nn
 
-from tokenizer.core.checkpoint import CheckpointError, load_module_state, load_tensors, verify_checkpoint
-from tokenizer.core.config import from_dict, to_dict
-from tokenizer.core.pretrained import CONFIG_FILE, PretrainedMixin
+from .core.checkpoint import CheckpointError, load_module_state, load_tensors, verify_checkpoint
+from .core.config import from_dict, to_dict
+from .core.pretrained import CONFIG_FILE, PretrainedMixin
 
 LEGACY_CONFIG_NAME = "base_vq_config.json"  # the layout before the one model-directory format (still read)
 LEGACY_WEIGHTS_NAME = "base_vq.safetensors"
@@ -49,9 +49,7 @@ _DOWN_BLOCKS = ("DownEncoderBlock2D", "AttnDownEncoderBlock2D")
 _UP_BLOCKS = ("UpDecoderBlock2D", "AttnUpDecoderBlock2D")
 
 
-# ----------------------------------------------------------------------------------------------------
-# Config
-# ----------------------------------------------------------------------------------------------------
+# ============================================================================ config
 
 
 @dataclass
@@ -121,9 +119,7 @@ class BaseVQConfig:
         return self.vq_embed_dim if self.vq_embed_dim is not None else self.latent_channels
 
 
-# ----------------------------------------------------------------------------------------------------
-# Outputs
-# ----------------------------------------------------------------------------------------------------
+# ============================================================================ outputs
 
 
 @dataclass
@@ -144,9 +140,7 @@ class VQForward:
     vq_loss: torch.Tensor  # () fp32
 
 
-# ----------------------------------------------------------------------------------------------------
-# Model
-# ----------------------------------------------------------------------------------------------------
+# ============================================================================ model
 
 
 class BaseVQ(PretrainedMixin, nn.Module):
@@ -177,7 +171,7 @@ class BaseVQ(PretrainedMixin, nn.Module):
             mid_block_add_attention=config.mid_block_attention,
         )
 
-    # -- sizes ---------------------------------------------------------------------------------------
+    # ------------------------------------------------------------------ sizes
 
     @property
     def grid_size(self) -> int:
@@ -205,7 +199,7 @@ class BaseVQ(PretrainedMixin, nn.Module):
         """The decoder's output conv weight (for the adaptive GAN weight of the reconstruction loss)."""
         return self.vq.decoder.conv_out.weight
 
-    # -- encoder / quantizer / decoder ---------------------------------------------------------------
+    # ------------------------------------------------------------------ encoder / quantizer / decoder
 
     def _check_images(self, images: torch.Tensor) -> None:
         f = self.config.downsample_factor
@@ -277,7 +271,8 @@ class BaseVQ(PretrainedMixin, nn.Module):
         q = self.quantize(self.encode_features(images))
         return VQForward(recon=self.decode_codes(q.codes), indices=q.indices, vq_loss=q.loss)
 
-    # -- persistence (save_pretrained / from_pretrained: tokenizer.core.pretrained) ---------------
+    # ------------------------------------------------------------------ persistence
+    # save_pretrained / from_pretrained: tokenizer.core.pretrained
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> BaseVQ:
@@ -359,9 +354,7 @@ def _round_up(x: int, multiple: int) -> int:
     return max(multiple, math.ceil(x / multiple) * multiple)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Codebook statistics
-# ----------------------------------------------------------------------------------------------------
+# ============================================================================ codebook statistics
 
 
 def codebook_stats(indices: torch.Tensor, codebook_size: int) -> dict[str, float]:
@@ -376,9 +369,7 @@ def codebook_stats(indices: torch.Tensor, codebook_size: int) -> dict[str, float
     return {"usage": float((counts > 0).double().mean()), "perplexity": float(entropy.exp())}
 
 
-# ----------------------------------------------------------------------------------------------------
-# Sizes
-# ----------------------------------------------------------------------------------------------------
+# ============================================================================ sizes
 
 BASE_VQ_SIZES: dict[str, BaseVQConfig] = {
     # 64 px, 8x down -> 8x8 grid, ~0.7M params: a CPU training step on 16 images takes ~0.15 s (2 cores).
