@@ -77,7 +77,8 @@ def images() -> torch.Tensor:
 
 def _l1(tok: ALITTokenizer, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """The selection metric: unclamped reconstruction error ``(B,)`` in [0, 1] pixel units."""
-    return (tok.logits_to_images(tok.decode_logits(ids)) - x).abs().flatten(1).mean(1) / 2
+    with torch.no_grad():
+        return (tok.logits_to_images(tok.decode_logits(ids)) - x).abs().flatten(1).mean(1) / 2
 
 
 def _with_threshold(tok: ALITTokenizer, thr: float, halting: bool = True) -> ALITTokenizer:
