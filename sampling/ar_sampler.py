@@ -16,7 +16,6 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -25,18 +24,19 @@ from generator.ar import AR
 from generator.tokens import PAD_ID, TokenBatch, lengths_to_mask
 
 from .schedules import (
+    Sampler,
     ValueSchedule,
     as_value_schedule,
     cfg_combine,
+    check_guidance,
     filter_logits,
-    resolve_request,
     sample_tokens,
     step_fraction,
 )
 
 
 @dataclass
-class ARSampler:
+class ARSampler(Sampler):
     """Settings of AR decoding; ``cfg_scale`` may be a value schedule over ``t`` = slot / (max budget - 1)."""
 
     temperature: float = 1.0  # softmax temperature (0 = greedy)
@@ -58,23 +58,15 @@ class ARSampler:
         filtered = filter_logits(logits.float() / self.temperature, self.top_k, self.top_p)  # (B, K)
         return sample_tokens(filtered, 1.0, generator)
 
-    @torch.no_grad()
-    def sample(self, model: AR, budgets: int | Sequence[int] | torch.Tensor,
-               classes: torch.Tensor | Sequence[int] | None = None, *, generator: torch.Generator | None = None,
-               batch_size: int | None = None) -> TokenBatch:
-        """Sample ``B`` sequences of the given budgets (one int, or one per sample).
-
-        Returns a :class:`~generator.tokens.TokenBatch`: ids ``(B, max budget)`` with exactly ``budget`` code
-        ids in [0, K) per row and PAD after, the budgets as lengths, the class ids used.
-        """
+    def decode(self, model: AR, lengths: torch.Tensor, cond: torch.Tensor,
+               generator: torch.Generator | None) -> TokenBatch:
+        """The decoding loop of :meth:`~sampling.schedules.Sampler.sample`: one slot per step."""
         space = model.space
-        device = next(model.parameters()).device
-        lengths, cond = resolve_request(space, budgets, classes, batch_size, device)
+        device = lengths.device
         n = int(lengths.max())
         scales = [self.cfg_scale(step_fraction(t, n)) for t in range(n)]
         guided = any(scales)
-        if space.num_classes == 0 and guided:
-            raise ValueError("cfg_scale must be 0 for an unconditional prior (num_classes=0)")
+        check_guidance(space, scales)
         # with guidance the unconditional rows run along for the whole sequence (they share the cache)
         cls_in = torch.cat([cond, torch.full_like(cond, space.null_class)]) if guided else cond
         bud_in = lengths.repeat(2) if guided else lengths

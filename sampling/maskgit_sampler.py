@@ -17,7 +17,6 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -27,18 +26,19 @@ from generator.tokens import PAD_ID, TokenBatch, lengths_to_mask
 
 from .schedules import (
     Ramp,
+    Sampler,
     ValueSchedule,
     as_value_schedule,
     cfg_combine,
+    check_guidance,
     gumbel,
-    resolve_request,
     sample_tokens,
     step_fraction,
 )
 
 
 @dataclass
-class MaskGITSampler:
+class MaskGITSampler(Sampler):
     """Settings of MaskGIT decoding; value schedules take ``t`` = 0 at the first step, 1 at the last."""
 
     steps: int = 8  # decoding steps (each reveals at least one slot per unfinished sequence)
@@ -78,21 +78,12 @@ class MaskGITSampler:
         proposal[unknown] = candidates
         return torch.where(keep_masked, ids, proposal)
 
-    @torch.no_grad()
-    def sample(self, model: MaskGIT, budgets: int | Sequence[int] | torch.Tensor,
-               classes: torch.Tensor | Sequence[int] | None = None, *, generator: torch.Generator | None = None,
-               batch_size: int | None = None) -> TokenBatch:
-        """Sample ``B`` sequences of the given budgets (one int, or one per sample: mixed budgets are fine).
-
-        Returns a :class:`~generator.tokens.TokenBatch`: ids ``(B, max budget)`` with exactly ``budget`` code
-        ids in [0, K) per row and PAD after, the budgets as lengths, the class ids used.
-        """
+    def decode(self, model: MaskGIT, lengths: torch.Tensor, cond: torch.Tensor,
+               generator: torch.Generator | None) -> TokenBatch:
+        """The decoding loop of :meth:`~sampling.schedules.Sampler.sample`: ``steps`` parallel updates."""
         space = model.space
-        device = next(model.parameters()).device
-        lengths, cond = resolve_request(space, budgets, classes, batch_size, device)
         scales = [self.cfg_scale(step_fraction(s, self.steps)) for s in range(self.steps)]
-        if space.num_classes == 0 and any(scales):
-            raise ValueError("cfg_scale must be 0 for an unconditional prior (num_classes=0)")
+        check_guidance(space, scales)
         mask = lengths_to_mask(lengths, int(lengths.max()))  # (B, L)
         ids = torch.where(mask, space.mask_id, PAD_ID)  # (B, L)
         remaining = self.mask_counts(lengths)  # (S + 1, B)

@@ -22,10 +22,11 @@ from dataclasses import dataclass
 import torch
 
 from generator.maskgit import MASK_SCHEDULES, Schedule, arccos, cosine, linear
-from generator.tokens import TokenSpace, uniform
+from generator.tokens import TokenBatch, TokenSpace, uniform
+from generator.transformer import Prior
 
-__all__ = ["MASK_SCHEDULES", "Constant", "Ramp", "Schedule", "ValueSchedule", "arccos", "as_value_schedule",
-           "cfg_combine", "cosine", "filter_logits", "get_schedule", "gumbel", "linear", "resolve_request",
+__all__ = ["MASK_SCHEDULES", "Constant", "Ramp", "Sampler", "Schedule", "ValueSchedule", "arccos",
+           "as_value_schedule", "cfg_combine", "check_guidance", "cosine", "filter_logits", "get_schedule", "gumbel", "linear", "resolve_request",
            "sample_tokens", "step_fraction"]
 
 ValueSchedule = Callable[[float], float]
@@ -141,3 +142,31 @@ def resolve_request(space: TokenSpace, budgets: int | Sequence[int] | torch.Tens
     space.budget_index(b)
     cond = space.condition(classes, n, torch.device("cpu"))
     return b.to(device), cond.to(device)
+
+
+def check_guidance(space: TokenSpace, scales: Sequence[float]) -> None:
+    """Guidance needs classes: any non-zero scale of an unconditional prior is an error."""
+    if space.num_classes == 0 and any(scales):
+        raise ValueError("cfg_scale must be 0 for an unconditional prior (num_classes=0)")
+
+
+class Sampler:
+    """What both samplers share: :meth:`sample` resolves the request, :meth:`decode` (per sampler) decodes it."""
+
+    @torch.no_grad()
+    def sample(self, model: Prior, budgets: int | Sequence[int] | torch.Tensor,
+               classes: torch.Tensor | Sequence[int] | None = None, *, generator: torch.Generator | None = None,
+               batch_size: int | None = None) -> TokenBatch:
+        """Sample ``B`` sequences of the given budgets (one int, or one per sample: mixed budgets are fine).
+
+        Returns a :class:`~generator.tokens.TokenBatch`: ids ``(B, max budget)`` with exactly ``budget`` code
+        ids in [0, K) per row and PAD after, the budgets as lengths, the class ids used.
+        """
+        device = next(model.parameters()).device
+        lengths, cond = resolve_request(model.space, budgets, classes, batch_size, device)
+        return self.decode(model, lengths, cond, generator)
+
+    def decode(self, model: Prior, lengths: torch.Tensor, cond: torch.Tensor,
+               generator: torch.Generator | None) -> TokenBatch:  # pragma: no cover - each sampler has one
+        """Decode sequences of ``lengths (B,)`` for class ids ``cond (B,)`` (from :meth:`sample`)."""
+        raise NotImplementedError
