@@ -27,8 +27,10 @@ import copy
 import inspect
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -140,10 +142,56 @@ class VQForward:
     vq_loss: torch.Tensor  # () fp32
 
 
+# ============================================================================ the shared contract
+class BaseTokenizerMixin:
+    """The part of the base-tokenizer contract (:mod:`tokenizer.bases`) written in terms of the rest, shared
+    by :class:`BaseVQ` and :class:`~tokenizer.vqgan.MageVQGAN`: each defines ``config`` (with ``grid_size``
+    and ``code_dim``), ``codebook_size``, ``codebook``, ``encode_features``, ``quantize`` and ``decode_codes``.
+    """
+
+    config: Any
+    codebook_size: int
+    codebook: torch.Tensor
+    encode_features: Callable[[torch.Tensor], torch.Tensor]
+    quantize: Callable[[torch.Tensor], VQOut]
+    decode_codes: Callable[[torch.Tensor], torch.Tensor]
+
+    @property
+    def grid_size(self) -> int:
+        """Grid side h = w for images of ``config.resolution``."""
+        return self.config.grid_size
+
+    @property
+    def code_dim(self) -> int:
+        """Code dimension C."""
+        return self.config.code_dim
+
+    def encode_indices(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1] -> (B, h, w) long code indices."""
+        return self.quantize(self.encode_features(images)).indices
+
+    def indices_to_codes(self, indices: torch.Tensor) -> torch.Tensor:
+        """(B, h, w) long -> (B, C, h, w) codebook vectors."""
+        if indices.dim() != 3 or indices.dtype != torch.long:
+            raise ValueError(f"indices must be a (B, h, w) long tensor, got {indices.dtype} "
+                             f"{tuple(indices.shape)}")
+        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= self.codebook_size):
+            raise ValueError(f"indices must lie in [0, {self.codebook_size}), got range "
+                             f"[{int(indices.min())}, {int(indices.max())}]")
+        return F.embedding(indices, self.codebook).permute(0, 3, 1, 2)  # (B, C, h, w)
+
+    def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        """(B, h, w) long -> (B, 3, H, W) images in [-1, 1]."""
+        return self.decode_codes(self.indices_to_codes(indices))
+
+    def forward(self, images: torch.Tensor) -> VQForward:
+        """Encode, quantize, decode: (B, 3, H, W) in [-1, 1] -> reconstruction, indices, VQ loss."""
+        q = self.quantize(self.encode_features(images))
+        return VQForward(recon=self.decode_codes(q.codes), indices=q.indices, vq_loss=q.loss)
+
+
 # ============================================================================ model
-
-
-class BaseVQ(PretrainedMixin, nn.Module):
+class BaseVQ(BaseTokenizerMixin, PretrainedMixin, nn.Module):
     """VQ autoencoder: diffusers' encoder/decoder, a (cosine) vector quantizer, an index-level API."""
 
     model_name = "BaseVQ"
@@ -172,16 +220,6 @@ class BaseVQ(PretrainedMixin, nn.Module):
         )
 
     # ------------------------------------------------------------------ sizes
-
-    @property
-    def grid_size(self) -> int:
-        """Grid side h = w for images of ``config.resolution``."""
-        return self.config.grid_size
-
-    @property
-    def code_dim(self) -> int:
-        """Code dimension C."""
-        return self.config.code_dim
 
     @property
     def codebook_size(self) -> int:
@@ -247,29 +285,6 @@ class BaseVQ(PretrainedMixin, nn.Module):
         x = self.vq.post_quant_conv(codes)  # (B, latent_channels, h, w)
         cond = codes if self.config.norm_type == "spatial" else None
         return self.vq.decoder(x, cond)  # (B, 3, H, W)
-
-    def encode_indices(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) in [-1, 1] -> (B, h, w) long code indices."""
-        return self.quantize(self.encode_features(images)).indices
-
-    def indices_to_codes(self, indices: torch.Tensor) -> torch.Tensor:
-        """(B, h, w) long -> (B, C, h, w) codebook vectors."""
-        if indices.dim() != 3 or indices.dtype != torch.long:
-            raise ValueError(f"indices must be a (B, h, w) long tensor, got {indices.dtype} "
-                             f"{tuple(indices.shape)}")
-        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= self.codebook_size):
-            raise ValueError(f"indices must lie in [0, {self.codebook_size}), got range "
-                             f"[{int(indices.min())}, {int(indices.max())}]")
-        return F.embedding(indices, self.codebook).permute(0, 3, 1, 2)  # (B, C, h, w)
-
-    def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
-        """(B, h, w) long -> (B, 3, H, W) images."""
-        return self.decode_codes(self.indices_to_codes(indices))
-
-    def forward(self, images: torch.Tensor) -> VQForward:
-        """Encode, quantize, decode: (B, 3, H, W) in [-1, 1] -> reconstruction, indices, VQ loss."""
-        q = self.quantize(self.encode_features(images))
-        return VQForward(recon=self.decode_codes(q.codes), indices=q.indices, vq_loss=q.loss)
 
     # ------------------------------------------------------------------ persistence
     # save_pretrained / from_pretrained: tokenizer.core.pretrained

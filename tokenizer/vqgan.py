@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from .core.config import from_dict, to_dict
 from .core.pretrained import PretrainedMixin
-from .vq import VQForward, VQOut
+from .vq import BaseTokenizerMixin, VQOut
 
 
 # ============================================================================ configuration
@@ -216,7 +216,7 @@ class VectorQuantizer(nn.Module):
 
 
 # ============================================================================ the model
-class MageVQGAN(PretrainedMixin, nn.Module):
+class MageVQGAN(BaseTokenizerMixin, PretrainedMixin, nn.Module):
     """The MAGE VQGAN with the project's base-tokenizer contract (see :class:`tokenizer.vq.BaseVQ`)."""
 
     model_name = "MageVQGAN"
@@ -230,16 +230,6 @@ class MageVQGAN(PretrainedMixin, nn.Module):
         self.quantize = VectorQuantizer(config.n_embed, config.z_channels, config.commitment_beta)
 
     # ------------------------------------------------------------------ sizes
-    @property
-    def grid_size(self) -> int:
-        """Grid side at ``config.resolution``."""
-        return self.config.grid_size
-
-    @property
-    def code_dim(self) -> int:
-        """Code dimension C."""
-        return self.config.code_dim
-
     @property
     def codebook_size(self) -> int:
         """Number of codes K."""
@@ -281,25 +271,6 @@ class MageVQGAN(PretrainedMixin, nn.Module):
         if codes.dim() != 4 or codes.shape[1] != self.code_dim:
             raise ValueError(f"codes must be (B, {self.code_dim}, h, w), got {tuple(codes.shape)}")
         return self.decoder(codes)
-
-    def encode_indices(self, images: Tensor) -> Tensor:
-        """``(B, 3, H, W)`` in [-1, 1] -> ``(B, h, w)`` long code indices (``quantize(features)``: a VQOut)."""
-        return self.quantize(self.encode_features(images)).indices
-
-    def indices_to_codes(self, indices: Tensor) -> Tensor:
-        """``(B, h, w)`` long -> ``(B, C, h, w)`` code vectors."""
-        if indices.dim() != 3 or indices.dtype != torch.long:
-            raise ValueError(f"indices must be a (B, h, w) long tensor, got {indices.dtype} {tuple(indices.shape)}")
-        return F.embedding(indices, self.codebook).permute(0, 3, 1, 2)
-
-    def decode_indices(self, indices: Tensor) -> Tensor:
-        """``(B, h, w)`` long -> ``(B, 3, H, W)`` images in [-1, 1]."""
-        return self.decode_codes(self.indices_to_codes(indices))
-
-    def forward(self, images: Tensor) -> VQForward:
-        """Encode, quantize, decode: ``(B, 3, H, W)`` in [-1, 1] -> reconstruction, indices, VQ loss."""
-        q = self.quantize(self.encode_features(images))
-        return VQForward(recon=self.decode_codes(q.codes), indices=q.indices, vq_loss=q.loss)
 
 
 # ============================================================================ sizes
