@@ -5,7 +5,8 @@ and may set ``TAKES_OVERRIDES = True`` (trailing ``key=value`` pairs arrive as `
 ``USER_ERRORS`` (more exception types that mean bad input for it: exit 2) and ``RUN_FAILURES`` (types
 that mean the run started and failed: exit 1). Bad input is raised, never printed here:
 :func:`slurm.cli.main` reports every :class:`~tokenizer.core.errors.UserError` in one place.
-:func:`prologue` is what every command with overrides does first.
+:func:`prologue` is what every command with overrides does first; :func:`add_image_set_options` the
+options of the commands that write image sets.
 """
 
 from __future__ import annotations
@@ -21,6 +22,14 @@ from tokenizer.core.errors import UsageError
 T = TypeVar("T")
 
 FlagCheck = Callable[[argparse.Namespace, list[str]], str | None]  # why the flags do not go together, or None
+
+
+def add_image_set_options(parser: argparse.ArgumentParser) -> None:
+    """The options of the commands that write image sets (``alit sample``, ``alit reconstruct``)."""
+    parser.add_argument("--shard", default="0/1", help="i/n: make shard i of n (default 0/1 = everything)")
+    parser.add_argument("--no-png", action="store_true", help="write only the npz, no PNG per image")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def split_overrides(args: argparse.Namespace) -> tuple[list[str], list[str]]:

@@ -14,7 +14,7 @@ import argparse
 
 from tokenizer.core.data import DataSpec
 
-from . import prologue
+from . import add_image_set_options, prologue
 
 TAKES_OVERRIDES = True  # data.* overrides, e.g. data.source=/path/to/images
 USER_ERRORS = (ValueError, KeyError)  # a budget, shard or resolution that does not fit the tokenizer
@@ -32,10 +32,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-images", type=int, default=None, help="a seeded stratified subset (default: all)")
     parser.add_argument("--config", default=None, help="YAML with a data: section (default: the emoji set)")
     parser.add_argument("--batch-size", type=int, default=32, help="images per chunk and model batch")
-    parser.add_argument("--shard", default="0/1", help="i/n: make shard i of n (default 0/1 = everything)")
-    parser.add_argument("--no-png", action="store_true", help="write only the npz, no PNG per image")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_image_set_options(parser)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -15,6 +15,8 @@ import argparse
 
 from tokenizer.core.errors import UsageError
 
+from . import add_image_set_options
+
 USER_ERRORS = (ValueError, KeyError)  # a budget, class or shard that does not fit the prior
 
 
@@ -36,12 +38,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the request (chunk c uses (seed, c))")
     parser.add_argument("--batch-size", type=int, default=32,
                         help="images per chunk and model batch; part of the result (keep it fixed across shards)")
-    parser.add_argument("--shard", default="0/1", help="i/n: make shard i of n (default 0/1 = everything)")
     parser.add_argument("--tokens", default=None,
                         help="token cache for 'adaptive' (default: the one the prior was trained on)")
-    parser.add_argument("--no-png", action="store_true", help="write only the npz, no PNG per image")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_image_set_options(parser)
 
 
 def run(args: argparse.Namespace) -> int:
