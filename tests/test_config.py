@@ -106,6 +106,17 @@ def test_required_keys_marked_in_the_file_must_be_given(tmp_path: Path) -> None:
 
 
 # The run configs' model overrides (vq, alit, prior model) are checked against the model config.
+def _run_config_error(config: str, overrides: list[str]) -> str:
+    """The ConfigError message of loading a real run config (configs/...) with ``overrides``."""
+    from generator.train import PriorRunConfig
+    from tokenizer.train import TokenizerRunConfig
+
+    schema = PriorRunConfig if "prior" in config else TokenizerRunConfig
+    with pytest.raises(ConfigError) as err:
+        load_config(schema, config, overrides)
+    return str(err.value)
+
+
 @pytest.mark.parametrize(
     ("config", "overrides", "needles"),
     [
@@ -125,14 +136,8 @@ def test_required_keys_marked_in_the_file_must_be_given(tmp_path: Path) -> None:
     ],
 )
 def test_misspelled_model_key_is_a_config_error(config: str, overrides: list[str], needles: list[str]) -> None:
-    from generator.train import PriorRunConfig
-    from tokenizer.train import TokenizerRunConfig
-
-    schema = PriorRunConfig if "prior" in config else TokenizerRunConfig
-    with pytest.raises(ConfigError) as err:
-        load_config(schema, config, overrides)
-    for needle in needles:
-        assert needle in str(err.value)
+    message = _run_config_error(config, overrides)
+    assert all(needle in message for needle in needles), message
 
 
 @pytest.mark.parametrize(
@@ -146,14 +151,8 @@ def test_misspelled_model_key_is_a_config_error(config: str, overrides: list[str
     ],
 )
 def test_unknown_size_lists_the_choices(config: str, overrides: list[str], needles: list[str]) -> None:
-    from generator.train import PriorRunConfig
-    from tokenizer.train import TokenizerRunConfig
-
-    schema = PriorRunConfig if "prior" in config else TokenizerRunConfig
-    with pytest.raises(ConfigError) as err:
-        load_config(schema, config, overrides)
-    for needle in needles:
-        assert needle in str(err.value)
+    message = _run_config_error(config, overrides)
+    assert all(needle in message for needle in needles), message
 
 
 def test_valid_model_overrides_still_load() -> None:
