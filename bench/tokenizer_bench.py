@@ -47,15 +47,16 @@ def encode_all_iterations(tok: ALITTokenizer, images: Tensor, budget: int) -> Te
     """The public way to encode at ``budget``: run all iterations, keep the ids of the one that made it."""
     alit = tok.alit
     n_all, n = alit.config.num_iters, alit.iterations_for(budget)
-    state = alit.embed(images, tok.base.encode_features(images))
+    features, targets = tok.features_and_targets(images)
+    state, halt = alit.embed(images, features), None
     ids: Tensor | None = None
     for t in range(n_all):
-        state = alit.step(state)
+        state = alit.step(state, halt)
         codes, step_ids, _ = alit.bottleneck(state)
         if t == n - 1:
             ids = step_ids  # (B, budget)
         if alit.config.halting and t < n_all - 1:
-            state.halted = alit.update_halting(state.halted, alit.decode_logits(codes))
+            halt = alit.halting_mask(alit.decode_logits(codes), targets)
     assert ids is not None
     return ids
 
