@@ -36,12 +36,10 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from tokenizer.core.io import atomic_path, file_digest, package_version, sha256_file
-from tokenizer.core.paths import cache_dir
+from .io import atomic_path, file_digest, package_version, sha256_file
+from .paths import cache_dir
 
-# ---------------------------------------------------------------------------------------------------------
-# Errors and the resolved record
-# ---------------------------------------------------------------------------------------------------------
+# ============================================================================ errors and the resolved record
 
 
 class WeightsNotFound(FileNotFoundError):
@@ -67,9 +65,7 @@ class ResolvedWeights:
         return sha256_file(self.path)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Specs and their registry
-# ---------------------------------------------------------------------------------------------------------
+# ============================================================================ specs and their registry
 
 
 @dataclass(frozen=True)
@@ -168,9 +164,7 @@ def _how_to_fix(net: NetworkSpec) -> str:
     )
 
 
-# ---------------------------------------------------------------------------------------------------------
-# The resolver
-# ---------------------------------------------------------------------------------------------------------
+# ============================================================================ the resolver
 
 
 def resolve_weights(name: str, path: str | os.PathLike[str] | None = None) -> ResolvedWeights:
@@ -254,9 +248,7 @@ def _atomic_save(state: dict[str, torch.Tensor], dst: Path, metadata: dict[str, 
         tmp.chmod(0o644)  # a read-only cache others may share (the writer creates 0600)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Readers
-# ---------------------------------------------------------------------------------------------------------
+# ============================================================================ readers
 
 
 def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
