@@ -95,9 +95,7 @@ class MetricUnavailable(RuntimeError):
     """A metric that needs something this offline installation does not have (weights, a classifier)."""
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Protocols
-# ---------------------------------------------------------------------------------------------------------
+# ============================================================================ protocols
 
 
 @functools.lru_cache(maxsize=8)
@@ -151,9 +149,7 @@ def _as_protocol(protocol: FIDProtocol | str) -> FIDProtocol:
         raise ValueError(f"unknown FID protocol {protocol!r}: choose one of {choices}") from None
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Streaming statistics
-# ---------------------------------------------------------------------------------------------------------
+# ============================================================================ streaming statistics
 
 
 def _as_features(features: Any, dim: int | None = None) -> np.ndarray:
@@ -251,7 +247,7 @@ class FeatureStats:
     def __repr__(self) -> str:
         return f"FeatureStats(n={self.n}, dim={self.dim}, protocol={self.protocol!r})"
 
-    # -- files ---------------------------------------------------------------------------------------------
+    # ------------------------------------------------------------------ files
     def save(self, path: str | os.PathLike[str], metadata: dict[str, str] | None = None) -> Path:
         """Write ``.safetensors`` or ``.npz`` (no pickles) atomically; ``metadata`` goes into safetensors."""
         path = Path(path)
@@ -308,9 +304,7 @@ class FeatureStats:
         return out
 
 
-# ---------------------------------------------------------------------------------------------------------
-# The Frechet distance
-# ---------------------------------------------------------------------------------------------------------
+# ============================================================================ the Frechet distance
 
 
 def _psd_factor(sigma: np.ndarray) -> np.ndarray:
@@ -353,9 +347,7 @@ def fid_from_stats(a: FeatureStats, b: FeatureStats) -> float:
     return frechet_distance(a.mean, a.cov, b.mean, b.cov)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Images -> features
-# ---------------------------------------------------------------------------------------------------------
+# ============================================================================ images -> features
 
 ImageBatches = np.ndarray | torch.Tensor | Iterable[np.ndarray | torch.Tensor]
 
@@ -526,9 +518,8 @@ def fid(images_a: ImageBatches, images_b: ImageBatches, protocol: FIDProtocol | 
     return fid_from_stats(extractor.accumulate(images_a), extractor.accumulate(images_b))
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Reference statistics of a dataset split, cached
-# ---------------------------------------------------------------------------------------------------------
+# ============================================================================ reference statistics
+# of a dataset split, cached
 
 
 def _source_fingerprint(source: str) -> dict[str, str]:
@@ -677,9 +668,8 @@ def reference_features(data_cfg: DataConfig, split: str,
     return features
 
 
-# ---------------------------------------------------------------------------------------------------------
+# ============================================================================ more metrics
 # KID, precision/recall, Inception Score availability
-# ---------------------------------------------------------------------------------------------------------
 
 
 def _as_tensor(features: Any, name: str) -> torch.Tensor:
