@@ -40,7 +40,7 @@ class CheckpointError(RuntimeError):
     """A checkpoint cannot be read or written; the message names the file and what to do."""
 
 
-# ----------------------------------------------------------------------------- small file helpers
+# ============================================================================ small file helpers
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """safetensors write of contiguous CPU copies (shared storage is split, as safetensors requires)."""
     flat = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
@@ -78,7 +78,7 @@ def load_module_state(module: torch.nn.Module, state: dict[str, torch.Tensor], s
     module.load_state_dict(state, strict=True)
 
 
-# ----------------------------------------------------------------------------- optimizer state
+# ============================================================================ optimizer state
 def optimizer_to_files(opt_state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Split an optimizer ``state_dict`` into tensors (for safetensors) and JSON-able rest."""
     tensors: dict[str, torch.Tensor] = {}
@@ -102,7 +102,7 @@ def optimizer_from_files(tensors: dict[str, torch.Tensor], rest: dict[str, Any])
     return {"state": state, "param_groups": rest["param_groups"]}
 
 
-# ----------------------------------------------------------------------------- training checkpoints
+# ============================================================================ training checkpoints
 def checkpoint_root(run_dir: str | Path) -> Path:
     """``<run_dir>/checkpoints``."""
     return Path(run_dir) / "checkpoints"
@@ -247,7 +247,7 @@ def files_sha256(paths: Iterable[Path]) -> str:
     return h.hexdigest()
 
 
-# ----------------------------------------------------------------------------- model identity
+# ============================================================================ model identity
 def tokenizer_identity(tokenizer_dir: str | Path) -> dict[str, str]:
     """``{"id", "path"}``: sha256 over every config and weight file of a saved model directory.
 
