@@ -428,3 +428,19 @@ def test_public_sizes_parameter_counts() -> None:
         per_block = sum(math.prod(v.shape) for k, v in ours.items() if k.startswith("encoder.transformer.0."))
         assert per_block == 12 * w * w + 13 * w  # qkv + out proj + MLP(4W) + two LayerNorms, as the public code
         assert len([k for k in ours if k.startswith("decoder.transformer.0.")]) == 12  # 12 tensors per block
+
+
+def test_encoder_and_decoder_set_separately(base: BaseVQ, images: torch.Tensor) -> None:
+    """The public constructor takes encoder and decoder width, depth and heads separately; so does ALITConfig."""
+    tok = ALITTokenizer.build(base, "tiny", decoder_width=48, decoder_depth=2, decoder_heads=3).eval()
+    c, sd = tok.config, tok.alit.state_dict()
+    assert (c.dec_width, c.decoder_layers, c.dec_heads) == (48, 2, 3)
+    assert tuple(sd["decoder_positional_embedding"].shape) == (1 + c.num_cells, 48)
+    assert tuple(sd["decoder.decoder_embed.weight"].shape) == (48, c.code_dim)
+    assert tuple(sd["decoder.latent_token_positional_embedding"].shape) == (256, 48)  # the public 256 rows
+    assert tuple(sd["encoder_positional_embedding"].shape) == (1 + c.num_cells, 64)
+    assert {k.split(".")[2] for k in sd if k.startswith("decoder.transformer.")} == {"0", "1"}
+    ids = tok.encode(images, 8)
+    assert tok.decode(ids).shape == images.shape
+    with pytest.raises(ValueError, match="decoder_width"):
+        ALITConfig(width=64, heads=2, decoder_width=50, decoder_heads=4, base_code_dim=32)

@@ -861,19 +861,19 @@ def read_alit_config(path: str | Path) -> ALITConfig:
 # ============================================================================ sizes
 # Registered sizes. The public ones (alit.md; params without the base tokenizer) keep T=32, 8 iterations
 # and a 4096 x 12 codebook. The CPU ones are for a 64x64 image / 8x8 base grid ('tiny' BaseVQ); what was
-# measured on the embedded emoji set to choose them (2 CPU cores, batch 16, every iteration supervised):
+# measured on the embedded emoji set to choose them (2 CPU cores, batch 16, every iteration supervised;
+# init_std, dead codes and the 8 x 4 layout before the model computed the exact public function):
 # - init_std 0.08 (about 0.8/sqrt(W)): the public 0.02 init, tuned for W >= 512, leaves the latents almost
 #   independent of the image and every image quantizes to the same codes for hundreds of steps (9 distinct
 #   ids in 400 steps on 512 emoji).
 # - dead_code_threshold: even then the latent codebook collapsed to ~20 of 1024 codes (usage 2%) within
 #   750 steps; restarting dead codes from batch latents keeps ~20% in use. The public recipe has it off.
-# - reinject_2d: a depth-1 encoder applied 8 times with shared weights (the recurrence with carried 2D
-#   tokens) never left the image-independent plateau when only the 32-token code was supervised (val CE
-#   4.33 nats = the per-position marginal after 500 steps), while re-reading the embedded 2D tokens each
-#   iteration learned at once (3.57). With every iteration supervised and carried tokens, all budgets
-#   reached the same CE and held-out L1 (0.1077 ... 0.1103 in [0, 1] units after 1500 steps, slightly
-#   worse with more tokens); with reinjected tokens the L1 falls with the budget. The public sizes
-#   (depth >= 8) keep the reference's carried tokens.
+# - reinject_2d: measured with the exact public function by configs/sweeps/recurrence_emoji_cpu.yaml
+#   (600 steps a point, two seeds; table in the README): carried 2D tokens (the reference) gave held-out
+#   L1 0.1384 / 0.1336 / 0.1339 / 0.1347 (seed 0) and 0.1419 ... 0.1441 rising (seed 1) at 8 / 16 / 24 / 32
+#   tokens; reinjected ones 0.1163 / 0.1097 / 0.1085 / 0.1081 and 0.1184 / 0.1158 / 0.1143 / 0.1134, the
+#   only variant strictly decreasing (a second encoder layer or the public 0.02 init stayed at ~0.19). The
+#   public sizes (depth >= 8) keep the reference's carried tokens.
 # - 8 tokens x 4 iterations rather than 4 x 8: at the same 32-token maximum, 1200 steps reached val CE
 #   3.10 / 2.79 / 2.67 / 2.63 at 8 / 16 / 24 / 32 tokens, while 4 x 8 was still at 3.5 with the budgets
 #   0.02 apart after 600 steps, at twice the cost per step (8 encoder iterations and decoder passes).
