@@ -1,4 +1,4 @@
-"""The one training loop: exact resume, non-finite guards, run lock, checkpoint integrity."""
+"""The one training loop: exact resume, non-finite guards, fp16 loss scaling, run lock, checkpoint integrity."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from tokenizer.core.checkpoint import (
 )
 from tokenizer.core.trainer import (
     Phase,
+    Precision,
     Preempted,
     RunLock,
     RunLocked,
@@ -107,6 +108,53 @@ def test_nonfinite_step_skipped_then_diverged(tmp_path: Path) -> None:
     assert tr.step == 14 and all(torch.isfinite(p).all() for p in tr.modules["model"].parameters())
     with pytest.raises(TrainingDiverged, match=r"step 7 .*Last good checkpoint: .*step_00000004"):
         _run(tmp_path / "b", RegressionTask(nan_steps={5, 6, 7}))
+
+
+def _train_rows(run: Path) -> list[dict]:
+    rows = map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+    return [r for r in rows if r["kind"] == "train"]
+
+
+# fp16 autocast runs on CPU in torch 2.14 (Linear in float16), so this is the real fp16 path: with a loss
+# scale of 2**40 the float16 gradients overflow until the scaler has halved the scale ~27 times.
+FP16 = {"precision": Precision.fp16, "fp16_init_scale": 2.0**40, "max_steps": 40, "ckpt_every": 10}
+
+
+def test_fp16_overflow_skips_the_update_lowers_the_scale_and_training_continues(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    task = RegressionTask()
+    init = {k: v.clone() for k, v in task.model.state_dict().items()}
+    tr = _run(tmp_path / "a", task, **FP16)
+    err = capsys.readouterr().err
+    assert tr.step == 40 and tr.scaler.is_enabled()
+    assert 1 <= tr.skipped_steps < 40 and tr.scaler.get_scale() < 2.0**40
+    assert "[train] step 0: fp16 gradient overflow (model, head), update skipped; loss scale 1.09951e+12 -> " \
+           "5.49756e+11 (1 skipped so far)" in err
+    assert err.count("fp16 gradient overflow") == tr.skipped_steps
+    assert tr.bad_steps == 0 and "non-finite loss" not in err  # an overflow is not a bad step
+    state = tr.modules["model"].state_dict()
+    assert all(torch.isfinite(v).all() for v in state.values())
+    assert any(not torch.equal(init[k], v) for k, v in state.items())  # the steps after the overflows trained
+    rows = _train_rows(tmp_path / "a")
+    assert [r["step"] for r in rows] == list(range(1, 41))
+    skipped = [r["amp/skipped_steps"] for r in rows]
+    assert skipped[0] == 1 and skipped[-1] == tr.skipped_steps and skipped == sorted(skipped)
+    assert rows[-1]["amp/loss_scale"] == tr.scaler.get_scale()
+    assert "grad_norm/model" not in rows[0]  # an overflow's inf norm is not averaged in
+    assert all(r["grad_norm/model"] > 0 for r in rows[-5:])
+
+
+def test_fp16_resume_mid_overflow_is_bit_exact(tmp_path: Path) -> None:
+    full = _run(tmp_path / "full", RegressionTask(), **FP16)
+    with pytest.raises(Preempted, match="stopped at step 12 of 40"):
+        _run(tmp_path / "part", RegressionTask(stop_at=12), **FP16)
+    resumed = _run(tmp_path / "part", RegressionTask(), **FP16)
+    assert (resumed.skipped_steps, resumed.scaler.get_scale()) == (full.skipped_steps, full.scaler.get_scale())
+    for k, v in full.modules["model"].state_dict().items():
+        assert torch.equal(v, resumed.modules["model"].state_dict()[k]), k
+    rows = {r["step"]: r for r in _train_rows(tmp_path / "part")}
+    assert all(rows[r["step"]] == {**r, "images_per_s": rows[r["step"]]["images_per_s"]}
+               for r in _train_rows(tmp_path / "full"))
 
 
 def test_run_lock_names_holder(tmp_path: Path) -> None:

@@ -7,7 +7,10 @@
     torchrun --nproc_per_node 8 -m slurm.cli train tokenizer --config configs/tokenizer/distill_imagenet_gpu.yaml ...
     alit train tokenizer --config ... --cluster slurm --partition gpu --gpus 8 --tasks 8 --time 4:00:00 [--no-wait]
 
-A run directory that already holds checkpoints is resumed. Overrides are dotted ``key=value`` pairs;
+A run directory that already holds checkpoints is resumed; a resume whose config differs from the run's
+``config.yaml`` is refused (exit 2, the changed keys named) unless ``--allow-config-change KEY,...`` lists
+every changed key (see ``tokenizer.core.trainer.RESUME_FREE_KEYS`` for the keys that may always change).
+Overrides are dotted ``key=value`` pairs;
 ``slurm.key=value`` ones set the job's resources (with ``--cluster``; see ``slurm.launcher.SlurmConfig``).
 """
 
@@ -29,9 +32,13 @@ TAKES_OVERRIDES = True  # trailing key=value pairs arrive as args.overrides
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.usage = "alit train {tokenizer,prior} --config CONFIG [key=value ...]"
+    parser.usage = "alit train {tokenizer,prior} --config CONFIG [--allow-config-change KEY,...] [key=value ...]"
     parser.add_argument("target", choices=TARGETS, help="what to train")
     parser.add_argument("--config", required=True, help="YAML config (see configs/)")
+    parser.add_argument("--allow-config-change", default="", metavar="KEY,...",
+                        help="resume a run directory even though these dotted config keys changed since it "
+                             "started (the change is recorded in config_changes.jsonl); without it such a "
+                             "resume is refused, naming the keys")
     add_cluster_arguments(parser)  # --cluster slurm|local|debug|none (default none: this process) + resources
 
 
@@ -43,6 +50,8 @@ def run(args: argparse.Namespace) -> int:
         from generator.train import PriorRunConfig as schema
         from generator.train import train_prior as train
     cfg, slurm_overrides = prologue(args, schema, args.config)
+    allowed = [k.strip() for k in args.allow_config_change.split(",") if k.strip()]
+    cfg.train.allow_config_change = sorted({*cfg.train.allow_config_change, *allowed})
     if args.cluster != "none":
         from ..jobs import run_on_cluster
 

@@ -3,11 +3,19 @@
 What differs between stages is a :class:`Task`: it owns the modules, says which parameters each
 optimizer holds, and yields the loss of each optimizer phase of a step (one phase for most stages,
 two for GAN training: generator, then discriminator). The :class:`Trainer` owns everything else:
-devices and ranks, bf16/fp16 autocast, AdamW with warmup + cosine, gradient clipping and averaging,
+devices and ranks, bf16/fp16 autocast (fp16 with dynamic loss scaling: an overflow step is skipped,
+the scale lowered and the skip counted), AdamW with warmup + cosine, gradient clipping and averaging,
 non-finite-loss guards, EMA, logging (JSONL, TensorBoard, progress bar), atomic checkpoints and
 exact resume (model, EMA, optimizers, scaler, step, data position and RNG are all restored; each
-step's randomness is derived from ``(seed, step, rank)``, so a resumed run repeats the uninterrupted
-run's trajectory bit for bit on CPU).
+step's randomness is derived from ``(seed, step, rank)`` and the data position from the batches
+trained, never from how far the DataLoader's workers have read ahead, so a resumed run repeats the
+uninterrupted run's trajectory bit for bit on CPU whatever ``num_workers``).
+
+Resuming a run directory whose ``config.yaml`` differs from the new config is refused with the
+changed keys named (:class:`ConfigChanged`), except for :data:`RESUME_FREE_KEYS` and the keys listed
+in ``train.allow_config_change``; an allowed change is recorded in ``config_changes.jsonl``.
+SIGTERM, SIGUSR2 and SIGINT all stop the run at the next step boundary with a checkpoint
+(:class:`Preempted`); a second SIGINT interrupts at once.
 
 Usage (single process, torchrun, or a Slurm task alike)::
 
@@ -46,7 +54,7 @@ from .checkpoint import (
     save_checkpoint,
     verify_checkpoint,
 )
-from .config import save_config
+from .config import ConfigError, git_commit, save_config, to_dict
 from .distributed import DistInfo, all_reduce_flag, all_reduce_grads, barrier, init_distributed
 
 
@@ -77,7 +85,10 @@ class TrainConfig:
     precision: Precision = Precision.auto  # autocast dtype
     device: str = "auto"  # auto = cuda if available else cpu
     seed: int = 0  # seeds init, data order and every step's randomness
-    num_workers: int = 0  # DataLoader workers
+    num_workers: int = 0  # DataLoader workers (the saved data position is exact whatever the count)
+    persistent_workers: bool = False  # keep the DataLoader workers alive between epochs (num_workers > 0)
+    fp16_init_scale: float = 65536.0  # precision fp16: initial loss scale (torch's default 2**16)
+    allow_config_change: list[str] = field(default_factory=list)  # keys a resume may change (--allow-config-change)
     log_every: int = 10  # steps between logged (rank-reduced) metrics
     eval_every: int = 200  # steps between task evaluations; 0 disables
     ckpt_every: int = 500  # steps between checkpoints (one is always written at the end)
@@ -96,6 +107,10 @@ class TrainConfig:
             raise ValueError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.warmup_steps < 0 or self.ckpt_every < 1 or self.eval_every < 0:
             raise ValueError("train.warmup_steps/eval_every must be >= 0 and train.ckpt_every >= 1")
+        if self.num_workers < 0:
+            raise ValueError(f"train.num_workers must be >= 0, got {self.num_workers}")
+        if not 0 < self.fp16_init_scale < float(torch.finfo(torch.float32).max):
+            raise ValueError(f"train.fp16_init_scale must be a finite float32 > 0, got {self.fp16_init_scale}")
 
 
 # ============================================================================ task protocol
@@ -132,8 +147,17 @@ class TrainingDiverged(RuntimeError):
 
 
 class Preempted(RuntimeError):
-    """:meth:`Trainer.fit` stopped before ``max_steps`` on request (SIGTERM, SIGUSR2, :meth:`Trainer.request_stop`)
-    after writing a checkpoint; running the same command again resumes. Under Slurm the launcher requeues."""
+    """:meth:`Trainer.fit` stopped before ``max_steps`` on request (SIGTERM, SIGUSR2, SIGINT,
+    :meth:`Trainer.request_stop`) after writing a checkpoint; running the same command again resumes.
+    Under Slurm the launcher requeues. ``signal`` names the signal that asked (None: a call)."""
+
+    def __init__(self, message: str, signal: str | None = None) -> None:
+        super().__init__(message)
+        self.signal = signal
+
+
+class ConfigChanged(ConfigError):
+    """A resume with a config that differs from the run directory's ``config.yaml`` (exit 2 from the CLI)."""
 
 
 class RunLocked(RuntimeError):
@@ -166,6 +190,12 @@ class ResumableBatchSampler(Sampler[list[int]]):
             print(f"[train] warning: dataset size changed since the checkpoint ({state['n']} -> {self.n}); "
                   "the data order is not the original run's", file=sys.stderr)
         self.epoch, self.batch_index = int(state["epoch"]), int(state["batch_index"])
+
+    def advanced(self, state: dict[str, int], batches: int) -> dict[str, int]:
+        """The position ``batches`` batches after ``state`` (a :meth:`state_dict`): what a checkpoint saves,
+        counted from the batches trained, since the DataLoader reads ahead of training."""
+        total = int(state["epoch"]) * self.per_epoch + min(int(state["batch_index"]), self.per_epoch) + batches
+        return {"epoch": total // self.per_epoch, "batch_index": total % self.per_epoch, "n": self.n}
 
     def __len__(self) -> int:
         return self.per_epoch
@@ -307,6 +337,44 @@ def step_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step * 7919 + rank * 104_729) % (2**63 - 1)
 
 
+def _worker_init(_: int) -> None:
+    """DataLoader workers leave SIGINT to the main process (a terminal's Ctrl-C reaches the whole process
+    group; the main process checkpoints and stops, and would lose its workers if they died on it)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+# ============================================================================ resume safety
+# Keys a resume may change without --allow-config-change: how the run is watched, checkpointed and fed
+# (none of them changes the trained weights) and its length. train.max_steps stays free so a run can be
+# extended (or ended earlier): the steps done are kept and the cosine schedule is recomputed for the new
+# length from the current step on, so the result is not that of a fresh run of the new length.
+RESUME_FREE_KEYS = frozenset({
+    "run_dir", "train.max_steps", "train.progress", "train.tensorboard", "train.log_every", "train.eval_every",
+    "train.ckpt_every", "train.keep_last", "train.num_workers", "train.persistent_workers",
+    "train.allow_config_change",
+})
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict) and d:
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: d}
+
+
+def config_changes(saved: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """``{dotted key: (saved value, new value)}`` of every key whose value differs (missing = None)."""
+    a, b = _flatten(saved), _flatten(new)
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+
+
+def _short(v: Any) -> str:
+    text = json.dumps(v) if not isinstance(v, str) else v
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 # ============================================================================ the loop
 class Trainer:
     """Runs a :class:`Task` to ``cfg.max_steps`` in ``run_dir``, resuming from its last checkpoint."""
@@ -330,14 +398,21 @@ class Trainer:
         self.optimizers = {name: make_optimizer(params, cfg, getattr(task, "lr_scales", {}).get(name, 1.0))
                            for name, params in self.groups.items()}
         self.dtype = self._autocast_dtype()
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+        self.scaler = torch.amp.GradScaler(self.device.type, init_scale=cfg.fp16_init_scale,
+                                           enabled=self.dtype == torch.float16)
+        self.skipped_steps = 0  # fp16: steps whose update the scaler skipped (gradient overflow)
+        self.scaler_stepped = False  # fp16: an optimizer stepped through the scaler since its last update()
+        self.overflowed: list[str] = []  # fp16: optimizers whose gradients overflowed in this step
         self.ema = EMA(mods["model"], cfg.ema_decay) if cfg.ema_decay > 0 else None
         self.sampler = ResumableBatchSampler(len(dataset), cfg.batch_size, cfg.seed, self.dist.rank,
                                              self.dist.world_size, with_epoch=hasattr(dataset, "set_epoch"))
+        self.data_origin = self.sampler.state_dict()  # the sampler's position when the loader was started
+        self.batches_trained = 0  # batches taken from the loader since then (one per step)
         self.step = 0
         self.bad_steps = 0
         self.last_good_checkpoint: Path | None = None
         self.stop_requested = False
+        self.stop_signal: str | None = None
         self.history: list[dict[str, float]] = []
 
     # ------------------------------------------------------------------ helpers
@@ -362,9 +437,15 @@ class Trainer:
             self.ema.copy_to(model)
         return model.eval()
 
-    def request_stop(self, *_: object) -> None:
-        """Checkpoint at the next step boundary and return from :meth:`fit` (preemption, SIGTERM/SIGUSR2)."""
+    def request_stop(self, signum: int | None = None, _frame: object = None) -> None:
+        """Checkpoint at the next step boundary and return from :meth:`fit` (preemption, SIGTERM/SIGUSR2/SIGINT).
+
+        A second SIGINT (Ctrl-C twice) interrupts at once, without a checkpoint."""
+        if signum == signal.SIGINT and self.stop_requested:
+            raise KeyboardInterrupt
         self.stop_requested = True
+        if signum is not None and self.stop_signal is None:
+            self.stop_signal = signal.Signals(signum).name
 
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> Path | None:
@@ -374,8 +455,10 @@ class Trainer:
             mods = {k: m.state_dict() for k, m in self.modules.items()}
             if self.ema is not None:
                 mods["ema"] = self.ema.state_dict()
-            state = {"sampler": self.sampler.state_dict(), "rng": _rng_state(), "bad_steps": self.bad_steps,
-                     "scaler": {k: v for k, v in self.scaler.state_dict().items() if not torch.is_tensor(v)}}
+            state = {"sampler": self.sampler.advanced(self.data_origin, self.batches_trained),
+                     "rng": _rng_state(), "bad_steps": self.bad_steps,
+                     "scaler": {k: v for k, v in self.scaler.state_dict().items() if not torch.is_tensor(v)},
+                     "skipped_steps": self.skipped_steps}
             try:
                 path = save_checkpoint(self.run_dir, self.step, mods,
                                        {k: o.state_dict() for k, o in self.optimizers.items()},
@@ -412,17 +495,75 @@ class Trainer:
         for k, o in self.optimizers.items():
             o.load_state_dict(optimizers[k])
         self.sampler.load_state_dict(state["sampler"])
+        self.data_origin, self.batches_trained = self.sampler.state_dict(), 0
         _set_rng(state["rng"])
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.step, self.bad_steps = int(state["step"]), int(state.get("bad_steps", 0))
+        self.skipped_steps = int(state.get("skipped_steps", 0))
         self.last_good_checkpoint = path
         if self.dist.is_main:
             print(f"[train] resumed from {path} at step {self.step}", file=sys.stderr)
         return True
 
+    # ------------------------------------------------------------------ resume safety
+    def _config_changes(self) -> dict[str, Any] | None:
+        """What this resume changes in ``run_dir/config.yaml`` (None when it is not a resume of a run with
+        one); raises :class:`ConfigChanged` naming every changed key that is neither free nor allowed."""
+        import yaml
+
+        saved_file = self.run_dir / "config.yaml"
+        if self.run_config is None or not saved_file.is_file() or latest_checkpoint(self.run_dir) is None:
+            return None
+        try:
+            saved = yaml.safe_load(saved_file.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigChanged(f"{saved_file} is not valid YAML, so this resume cannot be checked against it "
+                                f"({e}); restore it or choose another run_dir") from None
+        new = yaml.safe_load(yaml.safe_dump(to_dict(self.run_config), sort_keys=False))
+        changes = config_changes(saved.get("config") or {}, new)
+        allowed = set(self.cfg.allow_config_change)
+        blocked = [k for k in changes if k not in RESUME_FREE_KEYS and k not in allowed]
+        if blocked:
+            listed = ", ".join(f"{k} ({_short(changes[k][0])} -> {_short(changes[k][1])})" for k in blocked)
+            raise ConfigChanged(
+                f"run directory {self.run_dir} was started with another config: {listed}; resume it with the "
+                f"config in {saved_file.name}, choose another run_dir, or pass --allow-config-change "
+                f"{','.join(blocked)} to resume with the change")
+        unused = sorted(allowed - set(changes))
+        if unused and self.dist.is_main:
+            print(f"[train] note: --allow-config-change lists {','.join(unused)}, which did not change",
+                  file=sys.stderr)
+        return {"changes": changes, "git_commit": (saved.get("git_commit"), git_commit())}
+
+    def _record_config_changes(self, found: dict[str, Any] | None) -> None:
+        """Say what a resume changed and append it to ``run_dir/config_changes.jsonl`` (rank 0)."""
+        if found is None or not self.dist.is_main:
+            return
+        changes = {k: v for k, v in found["changes"].items() if k != "train.allow_config_change"}
+        old_git, new_git = found["git_commit"]
+        if not changes and old_git == new_git:
+            return
+        if changes:
+            listed = ", ".join(f"{k} ({_short(a)} -> {_short(b)})" for k, (a, b) in changes.items())
+            print(f"[train] resuming at step {self.step} with a changed config: {listed}", file=sys.stderr)
+        if old_git != new_git:
+            print(f"[train] note: the code changed since the run started (git {old_git} -> {new_git})",
+                  file=sys.stderr)
+        record = {"step": self.step, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+                  "changes": {k: {"old": a, "new": b} for k, (a, b) in changes.items()},
+                  "git_commit": {"old": old_git, "new": new_git}}
+        with open(self.run_dir / "config_changes.jsonl", "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+
     # ------------------------------------------------------------------ one step
     def _apply(self, phase: Phase) -> tuple[bool, float]:
+        """Backward and update of one phase; returns (loss finite, grad norm).
+
+        fp16 follows ``torch.amp.GradScaler``: ``unscale_`` once per optimizer, clip, ``scaler.step``
+        (which skips the update when the unscaled gradients hold inf/NaN); ``scaler.update()`` comes once
+        per step, after every phase (:meth:`_update_scale`). Without fp16 a non-finite gradient norm skips
+        the update and counts as a bad step, like a non-finite loss."""
         opt = self.optimizers[phase.optimizer]
         params = self.groups[phase.optimizer]
         finite = bool(torch.isfinite(phase.loss.detach()).item())
@@ -436,17 +577,41 @@ class Trainer:
         norm = 0.0
         if self.cfg.grad_clip > 0:
             norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip))
-        grads_ok = math.isfinite(norm) if self.cfg.grad_clip > 0 else True
-        if not all_reduce_flag(not grads_ok, self.device):
-            lr = lr_at(self.step, self.cfg)
-            for g in opt.param_groups:
-                g["lr"] = lr * g.get("lr_scale", 1.0)
-            self.scaler.step(opt)
-            self.scaler.update()
+        lr = lr_at(self.step, self.cfg)
+        for g in opt.param_groups:
+            g["lr"] = lr * g.get("lr_scale", 1.0)
+        if self.scaler.is_enabled():
+            if self.cfg.grad_clip <= 0:  # the norm says which optimizer overflowed (inf/NaN gradients)
+                norm = float(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
+            if not math.isfinite(norm):
+                self.overflowed.append(phase.optimizer)
+            self.scaler.step(opt)  # skipped by the scaler itself on an overflow (same on every rank)
+            self.scaler_stepped = True
         else:
-            finite = False
+            grads_ok = math.isfinite(norm) if self.cfg.grad_clip > 0 else True
+            if not all_reduce_flag(not grads_ok, self.device):
+                opt.step()
+            else:
+                finite = False
         opt.zero_grad(set_to_none=True)
         return finite, norm
+
+    def _update_scale(self) -> bool:
+        """fp16: ``scaler.update()`` once per step; True when the step's update was skipped (overflow)."""
+        if not self.scaler_stepped:
+            return False
+        overflowed, self.overflowed, self.scaler_stepped = self.overflowed, [], False
+        before = self.scaler.get_scale()
+        self.scaler.update()
+        after = self.scaler.get_scale()
+        if after >= before:
+            return False
+        self.skipped_steps += 1
+        if self.dist.is_main:
+            which = ", ".join(overflowed) or "an optimizer"
+            print(f"[train] step {self.step}: fp16 gradient overflow ({which}), update skipped; loss scale "
+                  f"{before:g} -> {after:g} ({self.skipped_steps} skipped so far)", file=sys.stderr)
+        return True
 
     def _to_device(self, batch: Any) -> Any:
         if torch.is_tensor(batch):
@@ -467,17 +632,23 @@ class Trainer:
 
     def _fit(self) -> dict[str, float]:
         cfg = self.cfg
+        changed = self._config_changes()  # every rank, before rank 0 rewrites config.yaml
+        barrier()
         if self.run_config is not None and self.dist.is_main:
             save_config(self.run_config, self.run_dir)  # only once the run directory is ours
         self.resume()
+        self._record_config_changes(changed)
         old_handlers = {}
-        for sig in (signal.SIGTERM, signal.SIGUSR2):
+        for sig in (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT):
             with contextlib.suppress(ValueError):  # not the main thread
                 old_handlers[sig] = signal.signal(sig, self.request_stop)
         logger = MetricsLogger(self.run_dir, self.dist.is_main, cfg.tensorboard)
+        workers = cfg.num_workers > 0
         loader = DataLoader(self.dataset, batch_sampler=self.sampler, num_workers=cfg.num_workers,
                             collate_fn=self.collate_fn, pin_memory=self.device.type == "cuda",
-                            persistent_workers=False)
+                            persistent_workers=workers and cfg.persistent_workers,
+                            worker_init_fn=_worker_init if workers else None)
+        self.data_origin, self.batches_trained = self.sampler.state_dict(), 0  # where the loader starts
         bar = None
         if cfg.progress and self.dist.is_main:
             from tqdm.auto import tqdm
@@ -486,13 +657,15 @@ class Trainer:
                        file=sys.stderr)
         last: dict[str, float] = {}
         acc: dict[str, float] = {}
-        n_acc, t0, seen = 0, time.perf_counter(), 0
+        counts: dict[str, int] = {}  # steps behind each sum (an fp16 overflow step logs no gradient norm)
+        t0, seen = time.perf_counter(), 0
         for m in self.modules.values():
             m.train()
         try:
             data = iter(loader)
             while self.step < cfg.max_steps and not all_reduce_flag(self.stop_requested, self.device):
                 batch = self._to_device(next(data))
+                self.batches_trained += 1
                 torch.manual_seed(step_seed(cfg.seed, self.step, self.dist.rank))
                 step_ok, logs = True, {}
                 with self.autocast():
@@ -504,6 +677,8 @@ class Trainer:
                         logs[f"grad_norm/{phase.optimizer}"] = norm
                         logs.update({k: float(v.detach()) if torch.is_tensor(v) else float(v)
                                      for k, v in phase.logs.items()})
+                if self._update_scale():  # fp16: once per step, after every optimizer stepped
+                    logs = {k: v for k, v in logs.items() if math.isfinite(v) or not k.startswith("grad_norm/")}
                 seen += len(batch[0]) if isinstance(batch, (list, tuple)) else cfg.batch_size
                 if not step_ok:
                     self.bad_steps += 1
@@ -523,18 +698,21 @@ class Trainer:
                 self.step += 1
                 for k, v in logs.items():
                     acc[k] = acc.get(k, 0.0) + v
-                n_acc += 1
+                    counts[k] = counts.get(k, 0) + 1
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in logs.items()
                                      if k.startswith("loss/")}, refresh=False)
                 if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
                     dt = time.perf_counter() - t0
-                    last = {k: v / n_acc for k, v in acc.items()}
+                    last = {k: v / counts[k] for k, v in acc.items()}
                     last.update({"lr": lr_at(self.step - 1, cfg), "images_per_s": seen * self.dist.world_size / dt})
+                    if self.scaler.is_enabled():
+                        last.update({"amp/loss_scale": self.scaler.get_scale(),
+                                     "amp/skipped_steps": float(self.skipped_steps)})
                     logger.log(self.step, last)
                     self.history.append({"step": self.step, **last})
-                    acc, n_acc, t0, seen = {}, 0, time.perf_counter(), 0
+                    acc, counts, t0, seen = {}, {}, time.perf_counter(), 0
                 if cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == cfg.max_steps):
                     if self.dist.is_main:
                         metrics = self.task.evaluate(self.ema_model() if self.ema else self.modules["model"],
@@ -545,10 +723,15 @@ class Trainer:
                     barrier()
                 if self.step % cfg.ckpt_every == 0 and self.step < cfg.max_steps:
                     self.save()
+            if self.step < cfg.max_steps and self.dist.is_main:
+                print(f"[train] stop requested{f' ({self.stop_signal})' if self.stop_signal else ''}: "
+                      f"checkpointing at step {self.step}", file=sys.stderr)
             self.save()
             if self.step < cfg.max_steps:
-                raise Preempted(f"stopped at step {self.step} of {cfg.max_steps} on request; checkpoint "
-                                f"{self.last_good_checkpoint or 'saved'}; run the same command again to resume")
+                via = f" ({self.stop_signal})" if self.stop_signal else ""
+                raise Preempted(f"stopped at step {self.step} of {cfg.max_steps} on request{via}; checkpoint "
+                                f"{self.last_good_checkpoint or 'saved'}; run the same command again to resume",
+                                self.stop_signal)
             if self.dist.is_main:
                 self.task.export(self.ema_model() if self.ema else self.modules["model"].eval(),
                                  self.run_dir / "final")
