@@ -46,6 +46,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -363,6 +364,22 @@ def test_kill9_mid_training_prior_resumes_bit_exact(env: dict[str, str], cache: 
     assert all(torch.equal(x, y) for x, y in pairs)
 
 
+def test_kill9_mid_training_with_two_workers_resumes_bit_exact(env: dict[str, str], base_dir: Path,
+                                                               tok_ref: RefRun, procs: list[Proc],
+                                                               tmp_path: Path) -> None:
+    """Item 1 with ``num_workers: 2`` and persistent workers: the DataLoader reads batches ahead of training,
+    but the data position saved is the one trained, so the rerun ends bit-identical to the uninterrupted
+    run, which used no workers at all (the worker count changes nothing)."""
+    args = _tok_args(tmp_path / "run", base_dir, "train.num_workers=2", "train.persistent_workers=true")
+    run, relogged = _kill_mid_training_then_resume(env, procs, tmp_path, args, step_delay="0.05")
+    _assert_same_run(run, tok_ref.result(), relogged)
+    ref = tok_ref.result()
+    for ckpt in list_checkpoints(run):  # no workers reads nothing ahead: its saved positions are the trained ones
+        state, ref_state = (json.loads((d / ckpt.name / "state.json").read_text())
+                            for d in (run / "checkpoints", ref / "checkpoints"))
+        assert state["sampler"] == ref_state["sampler"], ckpt.name
+
+
 # ====================================================================== 2. kill -9 during a checkpoint write
 def test_kill9_during_checkpoint_write(env: dict[str, str], base_dir: Path, tok_ref: RefRun,
                                        procs: list[Proc], tmp_path: Path) -> None:
@@ -531,8 +548,8 @@ def test_tampered_training_checkpoint_is_refused_and_resume_falls_back(
 
     for p in list_checkpoints(run):  # nothing usable left: a clear error, never a silent fresh start
         _truncate(p / "model.safetensors")
-    message = rf"CheckpointError: no checkpoint in {_re(run / 'checkpoints')} passes verification"
-    assert alit([*args, "train.max_steps=10"]) != 0
+    message = rf"alit train: no checkpoint in {_re(run / 'checkpoints')} passes verification"
+    assert alit([*args, "train.max_steps=10"]) == 2  # a CheckpointError is bad input: one line, exit 2
     assert re.search(message, capfd.readouterr().err)
 
 
@@ -813,3 +830,82 @@ def test_cli_reports_training_failures_without_a_traceback(
 
     monkeypatch.setattr(DistillTask, "train_step", nan_step)
     check(_tok_args(tmp_path / "nan", base_dir), "non-finite loss")
+
+
+# ============================================================================ 8. resume safety
+def test_resume_with_a_changed_config_is_refused_unless_allowed(env: dict[str, str], cache: Path,
+                                                               procs: list[Proc], tmp_path: Path) -> None:
+    """A resume whose config differs from the run's config.yaml exits 2 with one line naming the changed key;
+    ``--allow-config-change`` lists it, and the resume goes on and records the change. train.max_steps and
+    the git commit may change freely."""
+    run = tmp_path / "run"
+    args = _prior_args(run, cache, "train.max_steps=4", "train.ckpt_every=2")
+    assert alit(args) == 0
+    saved = (run / "config.yaml").read_text()
+    lr, beta2 = (float(yaml.safe_load(saved)["config"]["train"][k]) for k in ("lr", "beta2"))
+
+    changed = [*args, "train.max_steps=6", "train.lr=0.002", "train.beta2=0.9"]
+    refused = _spawn(env, tmp_path / "refused.log", changed)
+    procs.append(refused)
+    assert refused.finish() == 2, refused.output()[-3000:]
+    out = refused.output()
+    assert "Traceback" not in out, out
+    [err] = [line for line in out.splitlines() if line.startswith("alit train:")]  # one line, the last
+    assert out.rstrip().endswith(err) and not (run / "checkpoints" / "step_00000006").exists()
+    assert err.startswith(f"alit train: run directory {run} was started with another config: ")
+    assert f"train.lr ({lr} -> 0.002)" in err and f"train.beta2 ({beta2} -> 0.9)" in err
+    assert "max_steps" not in err and "--allow-config-change train.beta2,train.lr" in err
+    assert (run / "config.yaml").read_text() == saved and len(list_checkpoints(run)) == 2
+
+    partly = _spawn(env, tmp_path / "partly.log", ["train", "prior", "--allow-config-change", "train.lr",
+                                                   *changed[2:]])
+    procs.append(partly)
+    assert partly.finish() == 2 and f"train.beta2 ({beta2} -> 0.9)" in partly.output()  # every key, or none
+    assert "train.lr (" not in partly.output()
+
+    body = yaml.safe_load(saved)
+    body["git_commit"] = "0" * 40  # the run started at another commit: noted, never refused
+    (run / "config.yaml").write_text(yaml.safe_dump(body, sort_keys=False))
+    allowed = _spawn(env, tmp_path / "allowed.log", ["train", "prior", "--allow-config-change",
+                                                     "train.lr,train.beta2", *changed[2:]])
+    procs.append(allowed)
+    assert allowed.finish() == 0, allowed.output()[-3000:]
+    out = allowed.output()
+    assert f"resumed from {run / 'checkpoints' / 'step_00000004'} at step 4" in out
+    assert f"resuming at step 4 with a changed config: train.beta2 ({beta2} -> 0.9), train.lr ({lr} -> 0.002), " \
+           "train.max_steps (4 -> 6)" in out
+    assert "the code changed since the run started (git 0000000000000000000000000000000000000000 -> " in out
+    [record] = [json.loads(line) for line in (run / "config_changes.jsonl").read_text().splitlines()]
+    assert record["step"] == 4 and record["git_commit"]["old"] == "0" * 40
+    assert record["changes"] == {"train.beta2": {"old": beta2, "new": 0.9}, "train.lr": {"old": lr, "new": 0.002},
+                                 "train.max_steps": {"old": 4, "new": 6}}
+    new = yaml.safe_load((run / "config.yaml").read_text())["config"]
+    assert (new["train"]["lr"], new["train"]["max_steps"]) == (0.002, 6)
+    assert [s for s, _ in _train_rows(run)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_sigint_checkpoints_and_stops_then_resumes_bit_exact(env: dict[str, str], base_dir: Path,
+                                                             tok_ref: RefRun, procs: list[Proc],
+                                                             tmp_path: Path) -> None:
+    """Ctrl-C (SIGINT) mid-run: the step in progress finishes, a checkpoint of it is written, the command
+    exits 1 without a traceback; the same command resumes from it and ends as the uninterrupted run."""
+    run = tmp_path / "run"
+    args = _tok_args(run, base_dir)
+    victim = _spawn(env, tmp_path / "interrupted.log", args, ["--step-delay", "0.1"])
+    procs.append(victim)
+    _wait_for(lambda: _last_logged(run) >= 4, victim, "four logged steps")
+    os.kill(victim.pid, signal.SIGINT)
+    assert victim.finish() == 1, victim.output()[-3000:]
+    out = victim.output()
+    stopped = _ckpt_step(run)
+    assert 4 <= stopped < MAX_STEPS and _last_logged(run) == stopped  # checkpointed where it stopped
+    assert f"alit train: Preempted: stopped at step {stopped} of {MAX_STEPS} on request (SIGINT)" in out
+    assert "Traceback" not in out and "KeyboardInterrupt" not in out
+    assert verify_checkpoint(run / "checkpoints" / f"step_{stopped:08d}")["step"] == stopped
+    assert not (run / "final").exists()
+
+    again = _spawn(env, tmp_path / "resumed.log", args)
+    procs.append(again)
+    assert again.finish() == 0, again.output()[-3000:]
+    assert f"resumed from {run / 'checkpoints' / f'step_{stopped:08d}'} at step {stopped}" in again.output()
+    _assert_same_run(run, tok_ref.result(), relogged=set())

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import json
 import math
 import os
@@ -337,10 +338,15 @@ def step_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step * 7919 + rank * 104_729) % (2**63 - 1)
 
 
-def _worker_init(_: int) -> None:
+def _worker_init(lock_fd: int | None, _: int) -> None:
     """DataLoader workers leave SIGINT to the main process (a terminal's Ctrl-C reaches the whole process
-    group; the main process checkpoints and stops, and would lose its workers if they died on it)."""
+    group; the main process checkpoints and stops, and would lose its workers if they died on it), and
+    close their inherited copy of the run lock, so that a SIGKILLed run's workers, which outlive it for a
+    few seconds, do not keep its rerun out of the run directory."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if lock_fd is not None:
+        with contextlib.suppress(OSError):
+            os.close(lock_fd)  # a close, never an unlock: the lock stays the main process's
 
 
 # ============================================================================ resume safety
@@ -413,6 +419,7 @@ class Trainer:
         self.last_good_checkpoint: Path | None = None
         self.stop_requested = False
         self.stop_signal: str | None = None
+        self.lock_fd: int | None = None  # the run lock's descriptor while fit() holds it (rank 0)
         self.history: list[dict[str, float]] = []
 
     # ------------------------------------------------------------------ helpers
@@ -627,7 +634,9 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict[str, float]:
         """Train to ``max_steps`` (or until a stop is requested); returns the last logged metrics."""
-        with RunLock(self.run_dir) if self.dist.is_main else contextlib.nullcontext():
+        lock = RunLock(self.run_dir) if self.dist.is_main else None
+        with lock if lock is not None else contextlib.nullcontext():
+            self.lock_fd = lock.fh.fileno() if lock is not None else None
             return self._fit()
 
     def _fit(self) -> dict[str, float]:
@@ -647,7 +656,7 @@ class Trainer:
         loader = DataLoader(self.dataset, batch_sampler=self.sampler, num_workers=cfg.num_workers,
                             collate_fn=self.collate_fn, pin_memory=self.device.type == "cuda",
                             persistent_workers=workers and cfg.persistent_workers,
-                            worker_init_fn=_worker_init if workers else None)
+                            worker_init_fn=functools.partial(_worker_init, self.lock_fd) if workers else None)
         self.data_origin, self.batches_trained = self.sampler.state_dict(), 0  # where the loader starts
         bar = None
         if cfg.progress and self.dist.is_main:
