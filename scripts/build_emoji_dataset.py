@@ -35,6 +35,7 @@ import numpy as np
 from PIL import Image
 
 from tokenizer.core.data import EMOJI_FILE, to_rgb_uint8
+from tokenizer.core.io import atomic_path
 from tokenizer.core.paths import ASSETS
 
 PACKAGE = "emoji-datasource-google"
@@ -103,15 +104,13 @@ def build(read: Callable[[str], bytes], sha1: str) -> dict[str, np.ndarray]:
 
 def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
     """``np.savez_compressed`` with fixed timestamps and order, so equal arrays give equal bytes."""
-    tmp = path.with_suffix(".tmp")
-    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as zf:
+    with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as zf:
         for name in sorted(arrays):
             info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
             info.compress_type = zipfile.ZIP_DEFLATED
             buf = io.BytesIO()
             np.lib.format.write_array(buf, np.asarray(arrays[name]), allow_pickle=False)
             zf.writestr(info, buf.getvalue(), compresslevel=9)
-    tmp.replace(path)
 
 
 def main(argv: list[str] | None = None) -> int:

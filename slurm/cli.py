@@ -69,13 +69,9 @@ _PATH_ERRORS: tuple[type[BaseException], ...] = (FileNotFoundError, FileExistsEr
 
 def version() -> str:
     """The installed version of the ``alit-stack`` distribution (``unknown`` when it is not installed)."""
-    from importlib.metadata import PackageNotFoundError
-    from importlib.metadata import version as dist_version
+    from tokenizer.core.io import package_version
 
-    try:
-        return dist_version("alit-stack")
-    except PackageNotFoundError:
-        return "unknown"
+    return package_version("alit-stack")
 
 
 def _user_errors(module: ModuleType) -> tuple[type[BaseException], ...]:

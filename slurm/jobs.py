@@ -26,6 +26,7 @@ from typing import Any
 import submitit
 
 from tokenizer.core.config import from_dict, load_config, to_dict
+from tokenizer.core.io import atomic_write_text
 
 from .launcher import (
     Cluster,
@@ -119,10 +120,8 @@ def train(target: str, config: dict[str, Any]) -> dict[str, Any]:
     out["job_id"] = _job_id()
     if _rank() == 0:
         record = {**out, "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"), "config": to_dict(cfg)}
-        path = result_path(result.run_dir)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(record, indent=1))
-        os.replace(tmp, path)  # atomic: a point is finished exactly when this file exists
+        # atomic: a point is finished exactly when this file exists
+        atomic_write_text(result_path(result.run_dir), json.dumps(record, indent=1))
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():

@@ -45,6 +45,7 @@ import yaml
 from submitit.core.utils import FailedJobError, JobPaths, UncompletedJobError
 
 from tokenizer.core.config import ConfigError, read_yaml_file, to_dict
+from tokenizer.core.io import atomic_write_text
 from tokenizer.core.paths import runs_dir
 
 from .jobs import TRAINERS, load_run_config, read_result, training_spec
@@ -311,12 +312,6 @@ def _now() -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S")
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def read_state(sweep_dir: str | Path) -> dict[str, Any] | None:
     """The sweep's ``sweep.json`` (points and jobs), or None if the directory holds no sweep."""
     try:
@@ -453,8 +448,8 @@ def write_summary(sweep_dir: str | Path, live: dict[str, submitit.Job] | None = 
     summary = {"sweep": state["name"], "command": state["command"], "config": state["config"],
                "dir": str(sweep_dir), "cluster": state.get("cluster"), "updated": _now(), "counts": counts,
                "reused": sum(e["reused"] for e in entries), "points": entries}
-    _write_atomic(sweep_dir / SUMMARY_JSON, json.dumps(summary, indent=1))
-    _write_atomic(sweep_dir / SUMMARY_MD, summary_markdown(summary))
+    atomic_write_text(sweep_dir / SUMMARY_JSON, json.dumps(summary, indent=1))
+    atomic_write_text(sweep_dir / SUMMARY_MD, summary_markdown(summary))
     return summary
 
 
@@ -572,7 +567,7 @@ def submit_sweep(sweep: SweepConfig, *, cluster: Cluster = "slurm", slurm: Slurm
                          "reused": reused, "running": running}],
     }
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomic(sweep_dir / STATE_FILE, json.dumps(new_state, indent=1, default=str))
+    atomic_write_text(sweep_dir / STATE_FILE, json.dumps(new_state, indent=1, default=str))
     run = SweepRun(sweep_dir, jobs, reused, running)
     run.refresh()
     return run
