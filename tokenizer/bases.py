@@ -12,7 +12,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from .core.checkpoint import CheckpointError
 from .core.config import check_choice
 from .core.pretrained import CONFIG_FILE
 from .vq import BASE_VQ_SIZES, LEGACY_CONFIG_NAME, BaseVQ, BaseVQConfig, base_vq_config
@@ -52,7 +51,4 @@ def load_base(path: str | Path, map_location: str | torch.device = "cpu") -> nn.
         name = None
     if name not in BASES:
         return BaseVQ.from_pretrained(path, map_location)  # its own errors say what the directory lacks
-    cls = BASES[name]
-    if not hasattr(cls, "from_pretrained"):  # pragma: no cover
-        raise CheckpointError(f"{name} cannot be loaded")
-    return cls.from_pretrained(path, map_location)
+    return BASES[name].from_pretrained(path, map_location)

@@ -31,7 +31,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from .alit import ALIT, ALITConfig, ALITTokenizer
-from .core.checkpoint import CheckpointError
+from .core.checkpoint import CheckpointError, load_module_state
 from .vqgan import MageVQGAN, MageVQGANConfig
 
 # The public factories (adaptive_tokenizers/__init__.py): width, layers and heads, encoder = decoder.
@@ -212,11 +212,6 @@ def tokenizer_from_public(ckpt: PublicCheckpoint, encoder_heads: int | None = No
     base_state = {k[len(BASE_PREFIX):]: v for k, v in ckpt.state.items() if k.startswith(BASE_PREFIX)}
     alit_state = {k: v for k, v in ckpt.state.items() if not k.startswith(BASE_PREFIX)}
     for module, state, what in ((alit, alit_state, "ALIT"), (base, base_state, "VQGAN")):
-        want = module.state_dict()
-        missing, extra = sorted(set(want) - set(state)), sorted(set(state) - set(want))
-        bad = [k for k in set(want) & set(state) if tuple(want[k].shape) != tuple(state[k].shape)]
-        if missing or extra or bad:
-            raise CheckpointError(f"{what} weights do not match the inferred architecture: missing {missing[:4]}, "
-                                  f"unexpected {extra[:4]}, wrong shape {sorted(bad)[:4]}")
-        module.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+        load_module_state(module, {k: v.float() for k, v in state.items()},
+                          f"the {what} weights of the public checkpoint (architecture inferred from its shapes)")
     return ALITTokenizer(alit, base).eval()

@@ -161,6 +161,18 @@ class BaseTokenizerMixin:
         """Grid side h = w for images of ``config.resolution``."""
         return self.config.grid_size
 
+    def _check_images(self, images: torch.Tensor) -> None:
+        f = self.config.downsample_factor
+        if images.dim() != 4 or images.shape[1] != self.config.in_channels:
+            raise ValueError(f"images must be (B, {self.config.in_channels}, H, W), got {tuple(images.shape)}")
+        if images.shape[-2] % f or images.shape[-1] % f:
+            raise ValueError(f"image size {tuple(images.shape[-2:])} is not a multiple of the downsampling "
+                             f"factor {f}; resize or crop the images")
+
+    def _check_codes(self, codes: torch.Tensor) -> None:
+        if codes.dim() != 4 or codes.shape[1] != self.code_dim:
+            raise ValueError(f"codes must be (B, {self.code_dim}, h, w), got {tuple(codes.shape)}")
+
     @property
     def code_dim(self) -> int:
         """Code dimension C."""
@@ -239,14 +251,6 @@ class BaseVQ(BaseTokenizerMixin, PretrainedMixin, nn.Module):
 
     # ------------------------------------------------------------------ encoder / quantizer / decoder
 
-    def _check_images(self, images: torch.Tensor) -> None:
-        f = self.config.downsample_factor
-        if images.dim() != 4 or images.shape[1] != self.config.in_channels:
-            raise ValueError(f"images must be (B, {self.config.in_channels}, H, W), got {tuple(images.shape)}")
-        if images.shape[-2] % f or images.shape[-1] % f:
-            raise ValueError(f"image size {tuple(images.shape[-2:])} is not a multiple of the downsampling "
-                             f"factor {f}; resize or crop the images")
-
     def encode_features(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [-1, 1] -> (B, C, h, w) continuous features (after quant_conv, unquantized)."""
         self._check_images(images)
@@ -280,8 +284,7 @@ class BaseVQ(BaseTokenizerMixin, PretrainedMixin, nn.Module):
 
     def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """(B, C, h, w) hard or soft codes (e.g. softmax(logits) @ codebook) -> (B, 3, H, W) images."""
-        if codes.dim() != 4 or codes.shape[1] != self.code_dim:
-            raise ValueError(f"codes must be (B, {self.code_dim}, h, w), got {tuple(codes.shape)}")
+        self._check_codes(codes)
         x = self.vq.post_quant_conv(codes)  # (B, latent_channels, h, w)
         cond = codes if self.config.norm_type == "spatial" else None
         return self.vq.decoder(x, cond)  # (B, 3, H, W)

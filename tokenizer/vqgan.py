@@ -246,21 +246,10 @@ class MageVQGAN(BaseTokenizerMixin, PretrainedMixin, nn.Module):
         return self.decoder.conv_out.weight
 
     # ------------------------------------------------------------------ encoder / quantizer / decoder
-    def _check_images(self, images: Tensor) -> None:
-        f = self.config.downsample_factor
-        if images.dim() != 4 or images.shape[1] != self.config.in_channels or images.shape[-1] % f \
-                or images.shape[-2] % f:
-            raise ValueError(f"images must be (B, {self.config.in_channels}, H, W) with H, W multiples of {f}, "
-                             f"got {tuple(images.shape)}")
-
     def encode_features(self, images: Tensor) -> Tensor:
         """``(B, 3, H, W)`` in [-1, 1] -> ``(B, C, h, w)`` encoder output before quantization."""
         self._check_images(images)
-        return self.encoder_features01((images + 1) / 2)
-
-    def encoder_features01(self, images01: Tensor) -> Tensor:
-        """The public encoder on images in [0, 1]."""
-        return self.encoder(images01)
+        return self.encoder((images + 1) / 2)  # the public encoder reads [0, 1]
 
     def decode_codes(self, codes: Tensor) -> Tensor:
         """``(B, C, h, w)`` hard or soft codes -> ``(B, 3, H, W)`` in [-1, 1] (unclamped)."""
@@ -268,8 +257,7 @@ class MageVQGAN(BaseTokenizerMixin, PretrainedMixin, nn.Module):
 
     def decode_codes01(self, codes: Tensor) -> Tensor:
         """The public decoder: codes -> images in [0, 1] (unclamped)."""
-        if codes.dim() != 4 or codes.shape[1] != self.code_dim:
-            raise ValueError(f"codes must be (B, {self.code_dim}, h, w), got {tuple(codes.shape)}")
+        self._check_codes(codes)
         return self.decoder(codes)
 
 

@@ -58,19 +58,13 @@ def _check_line(tok: ALITTokenizer) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tokenizer.core.pretrained import is_model_dir
     from tokenizer.public import PUBLIC_HALTING_THRESHOLD, read_public_checkpoint, tokenizer_from_public
 
     ckpt = read_public_checkpoint(args.checkpoint, args.weights)
     threshold = PUBLIC_HALTING_THRESHOLD if args.halting_threshold is None else args.halting_threshold
     tok = tokenizer_from_public(ckpt, args.encoder_heads, args.decoder_heads, halting=not args.no_halting,
                                 halting_threshold=threshold)
-    from pathlib import Path
-
-    out = Path(args.out)
-    if out.exists() and not is_model_dir(out) and (out.is_file() or any(out.iterdir())):
-        raise CheckpointError(f"--out {out} exists and is not a saved model; choose a new directory")
-    tok.save_pretrained(out)
+    out = tok.save_pretrained(args.out)  # refuses an --out that holds anything but a saved model
     c = tok.config
     name = ckpt.args.get("model", "weights")
     print(f"[import-public] {out}: {name} (width {c.width}/{c.dec_width}, {c.depth}+{c.decoder_layers} layers, "
