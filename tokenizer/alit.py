@@ -495,10 +495,11 @@ class ALIT(nn.Module):
             raise ValueError(f"ALIT has {c.num_iters} iterations; cannot run iteration {t + 1}")
         b, n = state.seq.shape[0], c.num_cells
         seq = state.seq
+        given = halt is not None  # masking only then: no device sync on halt.any() in the hot loop
         if halt is None:
             halt = torch.zeros(b, n, dtype=torch.bool, device=seq.device)
         if t > 0:
-            if bool(halt.any()):
+            if given:
                 mask = (self.encoder_positional_embedding[1:] + self.encoder_mask_token[0]).to(seq.dtype)  # (N, W)
                 grid = torch.where(halt[..., None], mask, seq[:, 1:1 + n])  # (B, N, W)
                 seq = torch.cat([seq[:, :1], grid, seq[:, 1 + n:]], dim=1)
@@ -507,7 +508,7 @@ class ALIT(nn.Module):
                 inputs = state.inputs.to(seq.dtype)
                 grid = torch.where(halt[..., None], seq[:, 1:1 + n], inputs[:, 1:])  # (B, N, W)
                 seq = torch.cat([inputs[:, :1], grid, seq[:, 1 + n:]], dim=1)
-        elif bool(halt.any()):
+        elif given and bool(halt.any()):
             raise ValueError("no cell can halt before the first iteration")
         seq = self.encoder(seq)  # (B, 1+N+k, W)
         self.last_encoder_iterations += 1
