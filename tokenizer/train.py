@@ -263,8 +263,9 @@ def evaluate_budgets(model: ALITTokenizer, images: torch.Tensor) -> dict[str, fl
     targets = model.features_and_targets(images)[1]  # (V, N) the base indices ALIT predicts
     for budget in model.budgets:
         ids = model.encode(images, budget)
-        metrics[f"val_l1/{budget:04d}"] = float(l1_01(model.decode(ids), images).mean())
-        logits = model.decode_logits(ids)  # (V, N, Kb)
+        logits = model.decode_logits(ids)  # (V, N, Kb): one decoder pass for both metrics
+        recon = model.logits_to_images(logits).float().clamp(-1, 1)  # what decode(ids) returns
+        metrics[f"val_l1/{budget:04d}"] = float(l1_01(recon, images).mean())
         metrics[f"val_ce/{budget:04d}"] = float(F.cross_entropy(logits.float().transpose(1, 2), targets))
     stats = codebook_stats(ids, model.codebook_size)
     metrics.update({"codebook_usage": stats["usage"], "codebook_perplexity": stats["perplexity"]})
