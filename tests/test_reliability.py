@@ -380,6 +380,28 @@ def test_kill9_mid_training_with_two_workers_resumes_bit_exact(env: dict[str, st
         assert state["sampler"] == ref_state["sampler"], ckpt.name
 
 
+def test_kill9_mid_training_prior_with_two_workers_resumes_bit_exact(env: dict[str, str], cache: Path,
+                                                                     prior_ref: RefRun, procs: list[Proc],
+                                                                     tmp_path: Path) -> None:
+    """Item 1 for a prior with ``num_workers: 2`` and persistent workers: the token dataset is read by two
+    worker processes (each with its own copy of the cache's arrays), the run is SIGKILLed between
+    checkpoints and rerun with the same command; final weights, EMA, optimizer moments, data positions and
+    per-step losses equal the uninterrupted run's, which used no workers."""
+    args = _prior_args(tmp_path / "run", cache, "train.num_workers=2", "train.persistent_workers=true")
+    run, relogged = _kill_mid_training_then_resume(env, procs, tmp_path, args, step_delay="0.15")
+    ref = prior_ref.result()
+    _assert_same_run(run, ref, relogged)
+    for ckpt in list_checkpoints(run):  # the positions saved are the trained ones, not the workers' read-ahead
+        state, ref_state = (json.loads((d / ckpt.name / "state.json").read_text())
+                            for d in (run / "checkpoints", ref / "checkpoints"))
+        assert state["sampler"] == ref_state["sampler"], ckpt.name
+    from generator.tasks import load_prior
+
+    a, b = load_prior(run / "final"), load_prior(ref / "final")
+    pairs = zip(a.state_dict().values(), b.state_dict().values(), strict=True)
+    assert all(torch.equal(x, y) for x, y in pairs)
+
+
 # ====================================================================== 2. kill -9 during a checkpoint write
 def test_kill9_during_checkpoint_write(env: dict[str, str], base_dir: Path, tok_ref: RefRun,
                                        procs: list[Proc], tmp_path: Path) -> None:
