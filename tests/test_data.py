@@ -119,13 +119,15 @@ def test_max_images_caps_each_split_without_leaking_val(emoji: dict[str, ImageDa
     assert len(set(train.labels.tolist())) >= 8  # a stratified subset, not the first 45 files
 
 
-def test_resolution_below_native_downscales_and_above_needs_resize() -> None:
+def test_resolution_below_native_downscales_and_above_upscales() -> None:
     small = build_dataset(DataConfig(resolution=32, max_images=20), "train")
-    assert small[0][0].shape == (3, 32, 32)
-    with pytest.raises(DataError, match=r"data\.resolution=96.*resize"):
-        build_dataset(DataConfig(resolution=96), "train")
+    assert small[0][0].shape == (3, 32, 32) and "upscaled" not in small.summary()
+    up = build_dataset(DataConfig(resolution=96, max_images=10), "train")  # 64 px images: scaled up, no abort
+    assert up[0][0].shape == (3, 96, 96)
+    assert up.upscaled == len(up) == 9 and "9 upscaled (smaller than 96 px)" in up.summary()
     big = build_dataset(DataConfig(resolution=96, resize=ResizePolicy.resize, max_images=10), "train")
     assert big[0][0].shape == (3, 96, 96)
+    assert torch.allclose(up[0][0], big[0][0])  # square images: upscale + centre crop == resize
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -307,14 +309,29 @@ def test_empty_missing_and_unreadable_sources_are_clear_errors(tmp_path: Path) -
         build_dataset(DataConfig(source=str(tmp_path / "x.png")), "train")
 
 
-def test_too_small_image_names_the_file_and_the_fix(tmp_path: Path) -> None:
-    _save(tmp_path / "big.png", (1, 2, 3), (64, 64))
-    _save(tmp_path / "tiny.png", (1, 2, 3), (20, 40))
-    with pytest.raises(DataError, match=r"tiny\.png is 20x40.*data\.resolution=32.*data\.resize=resize"):
-        build_dataset(DataConfig(source=str(tmp_path), resolution=32), "train")
-    ds = build_dataset(DataConfig(source=str(tmp_path), resolution=32, resize=ResizePolicy.resize,
-                                  val_fraction=0.0), "train")
-    assert [ds[i][0].shape for i in range(2)] == [(3, 32, 32)] * 2
+def _gradient(width: int, height: int) -> np.ndarray:
+    """(H, W, 3) uint8 with distinct smooth content in each channel."""
+    y, x = np.mgrid[0:height, 0:width]
+    return np.stack([x * 255 // max(1, width - 1), y * 255 // max(1, height - 1), (x + y) % 256],
+                    axis=-1).astype(np.uint8)
+
+
+@pytest.mark.parametrize("policy", list(ResizePolicy))
+def test_images_smaller_than_the_crop_are_upscaled_never_an_abort(tmp_path: Path, policy: ResizePolicy) -> None:
+    Image.fromarray(_gradient(64, 64)).save(tmp_path / "big.png")
+    tiny = _gradient(20, 40)  # 20 wide, 40 high: shorter side 20 < 32
+    Image.fromarray(tiny).save(tmp_path / "tiny.png")
+    ds = build_dataset(DataConfig(source=str(tmp_path), resolution=32, resize=policy, val_fraction=0.0), "train",
+                       seed=1)
+    assert [ds[(e, i)][0].shape for e in range(3) for i in range(2)] == [(3, 32, 32)] * 6
+    assert ds.upscaled == 1 and "1 upscaled (smaller than 32 px)" in ds.summary()
+    assert not ds.skipped and not ds.runtime_failures
+    u8 = ds.uint8_images()  # the centre view (no augmentation)
+    if policy is ResizePolicy.resize:
+        expected = np.asarray(Image.fromarray(tiny).resize((32, 32), Image.Resampling.BICUBIC))
+    else:  # shorter side scaled UP to 32 (bicubic), then the central 32 x 32 of the 32 x 64
+        expected = np.asarray(Image.fromarray(tiny).resize((32, 64), Image.Resampling.BICUBIC))[16:48]
+    assert np.array_equal(u8[1], expected)
 
 
 def test_huge_images_are_skipped_not_decoded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
