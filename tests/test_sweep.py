@@ -56,14 +56,14 @@ def _digest(tensors: dict[str, torch.Tensor]) -> str:
 def distributed_distill(config: dict[str, Any], average: bool = True) -> dict[str, Any]:
     """Run slurm.jobs.train on this rank with a task that remembers its model and its first batch.
 
-    ``average=False`` is the control: the Trainer's gradient all-reduce is switched off, so ranks drift.
+    ``average=False`` is the control: the Trainer's DDP is switched off, so ranks drift.
     """
     import tokenizer.core.trainer
     import tokenizer.train as tt
     from slurm.jobs import train
 
     if not average:
-        tokenizer.core.trainer.all_reduce_grads = lambda params, world_size: None
+        tokenizer.core.trainer.replicate = lambda modules, dist_info: None
 
     seen: dict[str, Any] = {}
 

@@ -59,30 +59,6 @@ def init_distributed(device: str = "auto") -> DistInfo:
     return DistInfo(rank, world, local, dev)
 
 
-def all_reduce_grads(params: list[torch.nn.Parameter], world_size: int) -> None:
-    """Average gradients over ranks in one coalesced all-reduce (absent grads count as zero).
-
-    Used instead of DDP's forward hooks so that tasks may call any method of their modules
-    (``encode``, partial iterations, a loss module holding a discriminator) without routing
-    everything through ``forward``.
-    """
-    if world_size <= 1 or not params:
-        return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1).float() for g in grads])
-    dist.all_reduce(flat)
-    flat /= world_size
-    offset = 0
-    for p, g in zip(params, grads):
-        n = g.numel()
-        chunk = flat[offset: offset + n].view_as(g).to(g.dtype)
-        if p.grad is None:
-            p.grad = chunk
-        else:
-            p.grad.copy_(chunk)
-        offset += n
-
-
 def all_reduce_flag(flag: bool, device: torch.device) -> bool:
     """True on every rank if it is True on any rank."""
     if not (dist.is_available() and dist.is_initialized()):

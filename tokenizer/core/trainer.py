@@ -4,8 +4,10 @@ What differs between stages is a :class:`Task`: it owns the modules, says which 
 optimizer holds, and yields the loss of each optimizer phase of a step (one phase for most stages,
 two for GAN training: generator, then discriminator). The :class:`Trainer` owns everything else:
 devices and ranks, bf16/fp16 autocast (fp16 with dynamic loss scaling: an overflow step is skipped,
-the scale lowered and the skip counted), AdamW with warmup + cosine, gradient clipping and averaging,
-non-finite-loss guards, EMA, logging (JSONL, TensorBoard, progress bar), atomic checkpoints and
+the scale lowered and the skip counted), AdamW with warmup + cosine, gradient clipping, data
+parallelism through ``DistributedDataParallel`` (gloo on CPU, NCCL on GPU; see :func:`replicate`) and
+gradient accumulation (``train.global_batch`` holds on any number of ranks, with the learning-rate rule
+``train.lr_scaling`` explicit), non-finite-loss guards, EMA (on rank 0), logging (JSONL, TensorBoard, progress bar), atomic checkpoints and
 exact resume (model, EMA, optimizers, scaler, step, data position and RNG are all restored; each
 step's randomness is derived from ``(seed, step, rank)`` and the data position from the batches
 trained, never from how far the DataLoader's workers have read ahead, so a resumed run repeats the
@@ -45,6 +47,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .checkpoint import (
@@ -56,7 +59,7 @@ from .checkpoint import (
     verify_checkpoint,
 )
 from .config import ConfigError, git_commit, save_config, to_dict
-from .distributed import DistInfo, all_reduce_flag, all_reduce_grads, barrier, init_distributed
+from .distributed import DistInfo, all_reduce_flag, barrier, init_distributed
 
 
 # ============================================================================ configuration
@@ -69,13 +72,25 @@ class Precision(Enum):
     fp16 = "fp16"
 
 
+class LRScaling(Enum):
+    """How ``train.lr`` relates to the global batch: ``fixed`` = as given at any global batch; ``linear`` =
+    ``lr * global_batch / lr_base_batch`` (the public ALIT/MAE rule: lr 1.5e-4 is stated at batch 256)."""
+
+    fixed = "fixed"
+    linear = "linear"
+
+
 @dataclass
 class TrainConfig:
     """The loop's settings (the same schema for every stage)."""
 
     max_steps: int = 1000  # optimizer steps in total
-    batch_size: int = 16  # per process
-    lr: float = 1e-4  # peak learning rate (after warmup)
+    batch_size: int = 16  # per process and micro-batch (what one forward holds)
+    global_batch: int | None = None  # images per optimizer step over all ranks; None = batch_size x ranks.
+    #                                  Gradient accumulation makes it hold on any number of GPUs
+    lr: float = 1e-4  # peak learning rate (after warmup); see lr_scaling
+    lr_scaling: LRScaling = LRScaling.fixed  # fixed: lr as given; linear: lr x global_batch / lr_base_batch
+    lr_base_batch: int = 256  # the global batch at which `lr` is stated (lr_scaling: linear)
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 100  # linear warmup from 0
     weight_decay: float = 0.05  # AdamW decoupled weight decay (not on biases, norms, embeddings)
@@ -88,6 +103,9 @@ class TrainConfig:
     seed: int = 0  # seeds init, data order and every step's randomness
     num_workers: int = 0  # DataLoader workers (the saved data position is exact whatever the count)
     persistent_workers: bool = False  # keep the DataLoader workers alive between epochs (num_workers > 0)
+    prefetch_factor: int = 2  # batches each worker loads ahead (num_workers > 0)
+    pin_memory: bool = True  # page-locked host batches for faster copies (CUDA only)
+    compile: bool = False  # torch.compile the repeated blocks of the task's modules (regional compilation)
     fp16_init_scale: float = 65536.0  # precision fp16: initial loss scale (torch's default 2**16)
     allow_config_change: list[str] = field(default_factory=list)  # keys a resume may change (--allow-config-change)
     log_every: int = 10  # steps between logged (rank-reduced) metrics
@@ -99,7 +117,16 @@ class TrainConfig:
     tensorboard: bool = True  # also log to TensorBoard (run_dir/tb)
 
     def __post_init__(self) -> None:
-        for name in ("max_steps", "batch_size", "log_every", "keep_last", "max_bad_steps"):
+        for name, kind in (("precision", Precision), ("lr_scaling", LRScaling)):
+            value = getattr(self, name)
+            if not isinstance(value, kind):
+                try:
+                    setattr(self, name, kind(value))
+                except ValueError:
+                    raise ValueError(f"train.{name}={value!r} is unknown: choose one of "
+                                     f"{', '.join(k.value for k in kind)}") from None
+        for name in ("max_steps", "batch_size", "log_every", "keep_last", "max_bad_steps", "prefetch_factor",
+                     "lr_base_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
@@ -110,6 +137,10 @@ class TrainConfig:
             raise ValueError("train.warmup_steps/eval_every must be >= 0 and train.ckpt_every >= 1")
         if self.num_workers < 0:
             raise ValueError(f"train.num_workers must be >= 0, got {self.num_workers}")
+        if self.global_batch is not None and (self.global_batch < 1 or self.global_batch % self.batch_size):
+            raise ValueError(f"train.global_batch={self.global_batch} must be a positive multiple of "
+                             f"train.batch_size={self.batch_size} (per-rank micro-batch): the step accumulates "
+                             "global_batch / (batch_size x ranks) micro-batches per rank")
         if not 0 < self.fp16_init_scale < float(torch.finfo(torch.float32).max):
             raise ValueError(f"train.fp16_init_scale must be a finite float32 > 0, got {self.fp16_init_scale}")
 
@@ -167,20 +198,29 @@ class RunLocked(RuntimeError):
 
 # ============================================================================ pieces
 class ResumableBatchSampler(Sampler[list[int]]):
-    """Seeded permutation per epoch, sharded over ranks; resumes at any batch. Drops the last partial batch.
+    """Seeded permutation per epoch, sharded over ranks and micro-batches; resumes at any step. Drops the
+    last partial global batch.
+
+    Step ``s`` of an epoch trains on the permutation's slice ``[s * G, (s + 1) * G)`` with ``G =
+    batch_size x world x accum`` (the global batch), whatever the split into ranks and accumulated
+    micro-batches: micro-batch ``m`` of rank ``r`` is slot ``m * world + r`` of the slice. So 2 ranks x b, 1
+    rank x b x 2 accumulation steps and 1 rank x 2b see the same images, and a run resumed on another
+    number of GPUs at the same global batch continues the same data order. The position is counted in
+    steps (``batch_index``); the sampler yields ``accum`` micro-batches per step.
 
     With ``with_epoch`` it yields ``(epoch, index)`` pairs, so a dataset's augmentation can be a pure
     function of the epoch even in worker processes (``ImageDataset`` accepts them).
     """
 
     def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1,
-                 with_epoch: bool = False) -> None:
+                 with_epoch: bool = False, accum: int = 1) -> None:
         self.n, self.batch_size, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
-        self.with_epoch = with_epoch
-        self.per_epoch = n // (batch_size * world)
+        self.with_epoch, self.accum = with_epoch, accum
+        self.per_epoch = n // (batch_size * world * accum)  # steps per epoch
         if self.per_epoch < 1:
-            raise ValueError(f"the dataset has {n} items, fewer than one global batch of "
-                             f"{batch_size} x {world} ranks: lower train.batch_size or add data")
+            raise ValueError(f"the dataset has {n} items, fewer than one global batch of {batch_size} x "
+                             f"{world} ranks x {accum} accumulation steps: lower train.batch_size or "
+                             "train.global_batch, or add data")
         self.epoch, self.batch_index = 0, 0
 
     def state_dict(self) -> dict[str, int]:
@@ -192,24 +232,26 @@ class ResumableBatchSampler(Sampler[list[int]]):
                   "the data order is not the original run's", file=sys.stderr)
         self.epoch, self.batch_index = int(state["epoch"]), int(state["batch_index"])
 
-    def advanced(self, state: dict[str, int], batches: int) -> dict[str, int]:
-        """The position ``batches`` batches after ``state`` (a :meth:`state_dict`): what a checkpoint saves,
-        counted from the batches trained, since the DataLoader reads ahead of training."""
-        total = int(state["epoch"]) * self.per_epoch + min(int(state["batch_index"]), self.per_epoch) + batches
+    def advanced(self, state: dict[str, int], steps: int) -> dict[str, int]:
+        """The position ``steps`` steps after ``state`` (a :meth:`state_dict`): what a checkpoint saves,
+        counted from the steps trained, since the DataLoader reads ahead of training."""
+        total = int(state["epoch"]) * self.per_epoch + min(int(state["batch_index"]), self.per_epoch) + steps
         return {"epoch": total // self.per_epoch, "batch_index": total % self.per_epoch, "n": self.n}
 
     def __len__(self) -> int:
-        return self.per_epoch
+        return self.per_epoch * self.accum  # micro-batches per epoch
 
     def __iter__(self) -> Iterator[list[Any]]:
         while True:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
             perm = torch.randperm(self.n, generator=g).tolist()
             while self.batch_index < self.per_epoch:
-                start = (self.batch_index * self.world + self.rank) * self.batch_size
+                step = self.batch_index
                 self.batch_index += 1
-                batch = perm[start: start + self.batch_size]
-                yield [(self.epoch, i) for i in batch] if self.with_epoch else batch
+                for m in range(self.accum):
+                    slot = (step * self.accum + m) * self.world + self.rank
+                    batch = perm[slot * self.batch_size: (slot + 1) * self.batch_size]
+                    yield [(self.epoch, i) for i in batch] if self.with_epoch else batch
             self.epoch, self.batch_index = self.epoch + 1, 0
 
 
@@ -305,13 +347,85 @@ class MetricsLogger:
                 self.tb.close()
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup then cosine to ``lr * min_lr_ratio`` (a pure function of the step)."""
+def lr_at(step: int, cfg: TrainConfig, peak: float | None = None) -> float:
+    """Linear warmup then cosine to ``peak * min_lr_ratio`` (a pure function of the step); ``peak``
+    defaults to ``cfg.lr`` (the trainer passes :func:`peak_lr`)."""
+    peak = cfg.lr if peak is None else peak
     if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
+        return peak * (step + 1) / cfg.warmup_steps
     span = max(1, cfg.max_steps - cfg.warmup_steps)
     t = min(1.0, (step - cfg.warmup_steps) / span)
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+    return peak * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def global_batch(cfg: TrainConfig, world_size: int) -> tuple[int, int]:
+    """``(global batch, accumulation steps)``: ``train.global_batch`` split into ``world_size`` ranks of
+    ``train.batch_size`` micro-batches; without it, one micro-batch per rank. A :class:`ConfigError` when
+    it does not split evenly."""
+    if cfg.global_batch is None:
+        return cfg.batch_size * world_size, 1
+    per_step = cfg.batch_size * world_size
+    if cfg.global_batch % per_step:
+        raise ConfigError(f"train.global_batch={cfg.global_batch} does not split into {world_size} rank(s) x "
+                          f"train.batch_size={cfg.batch_size} micro-batches (a multiple of {per_step} is "
+                          "needed): change train.batch_size or the number of GPUs")
+    return cfg.global_batch, cfg.global_batch // per_step
+
+
+def peak_lr(cfg: TrainConfig, batch: int) -> float:
+    """The peak learning rate at global batch ``batch`` under ``train.lr_scaling``."""
+    if cfg.lr_scaling == LRScaling.linear:
+        return cfg.lr * batch / cfg.lr_base_batch
+    return cfg.lr
+
+
+class _GradientSink(nn.Module):
+    """The task's modules under one module whose forward is the identity on a loss.
+
+    Tasks compute their losses by calling any method of their modules (``encode``, one recurrent
+    iteration, a loss module holding a discriminator), not one ``forward``. Passing each phase's loss
+    through ``DistributedDataParallel(_GradientSink(modules))`` before its backward gives DDP what it
+    needs from a forward: its reducer is prepared for this backward, and it finds, from the loss's
+    autograd graph, the parameters the phase did not use. The gradient all-reduce itself is DDP's:
+    bucketed, overlapped with the backward, and a parameter that got no gradient on any rank keeps
+    ``grad = None``, so AdamW neither decays nor moves it, as on one rank."""
+
+    def __init__(self, modules: dict[str, nn.Module]) -> None:
+        super().__init__()
+        self.parts = nn.ModuleDict(modules)
+
+    def forward(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss
+
+
+def replicate(modules: dict[str, nn.Module], dist_info: DistInfo) -> DistributedDataParallel | None:
+    """DDP over the task's trainable modules (None on one process or when nothing is trainable).
+
+    ``find_unused_parameters``: phases train subsets (GAN: generator, then discriminator) and a task may
+    leave parameters unused in a step. ``broadcast_buffers=False``: the modules' buffers are constants or
+    synchronised by their owners (the latent codebook's usage statistics are broadcast from rank 0 at
+    each dead-code restart), so no broadcast before each forward."""
+    trainable = {k: m for k, m in modules.items() if any(p.requires_grad for p in m.parameters())}
+    if not dist_info.enabled or not trainable:
+        return None
+    device_ids = [dist_info.device.index] if dist_info.device.type == "cuda" else None
+    import inspect  # torch >= 2.14 renames broadcast_buffers (still syncing at init, which is harmless here)
+
+    buffers = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(
+        DistributedDataParallel.__init__).parameters else "broadcast_buffers"
+    return DistributedDataParallel(_GradientSink(trainable), device_ids=device_ids, find_unused_parameters=True,
+                                   **{buffers: False})
+
+
+def _rng_snapshot(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+def _rng_restore(state: tuple[torch.Tensor, torch.Tensor | None], device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
 
 
 def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig, lr_scale: float = 1.0) -> torch.optim.AdamW:
@@ -357,7 +471,7 @@ def _worker_init(lock_fd: int | None, _: int) -> None:
 RESUME_FREE_KEYS = frozenset({
     "run_dir", "train.max_steps", "train.progress", "train.tensorboard", "train.log_every", "train.eval_every",
     "train.ckpt_every", "train.keep_last", "train.num_workers", "train.persistent_workers",
-    "train.allow_config_change",
+    "train.allow_config_change", "train.prefetch_factor", "train.pin_memory", "train.compile",
 })
 
 
@@ -400,6 +514,12 @@ class Trainer:
         for m in mods.values():
             m.to(self.device)
         self.modules = mods
+        if cfg.compile:  # after .to(device); the checkpointed state dicts keep their eager key names
+            from .compile import compile_regions
+
+            compiled = compile_regions(mods)
+            if self.dist.is_main:
+                print(f"[train] torch.compile: {compiled} repeated blocks compiled", file=sys.stderr)
         self.groups = task.param_groups()
         self.optimizers = {name: make_optimizer(params, cfg, getattr(task, "lr_scales", {}).get(name, 1.0))
                            for name, params in self.groups.items()}
@@ -409,11 +529,17 @@ class Trainer:
         self.skipped_steps = 0  # fp16: steps whose update the scaler skipped (gradient overflow)
         self.scaler_stepped = False  # fp16: an optimizer stepped through the scaler since its last update()
         self.overflowed: list[str] = []  # fp16: optimizers whose gradients overflowed in this step
-        self.ema = EMA(mods["model"], cfg.ema_decay) if cfg.ema_decay > 0 else None
+        self.global_batch, self.accum = global_batch(cfg, self.dist.world_size)
+        self.peak_lr = peak_lr(cfg, self.global_batch)
+        # the EMA lives on rank 0 only: every rank holds the same weights after each update, and only
+        # rank 0 evaluates, checkpoints and exports
+        self.ema = EMA(mods["model"], cfg.ema_decay) if cfg.ema_decay > 0 and self.dist.is_main else None
         self.sampler = ResumableBatchSampler(len(dataset), cfg.batch_size, cfg.seed, self.dist.rank,
-                                             self.dist.world_size, with_epoch=hasattr(dataset, "set_epoch"))
+                                             self.dist.world_size, with_epoch=hasattr(dataset, "set_epoch"),
+                                             accum=self.accum)
         self.data_origin = self.sampler.state_dict()  # the sampler's position when the loader was started
-        self.batches_trained = 0  # batches taken from the loader since then (one per step)
+        self.batches_trained = 0  # steps whose micro-batches were taken from the loader since then
+        self.replica: DistributedDataParallel | None = None  # DDP over the modules while fit() runs
         self.step = 0
         self.bad_steps = 0
         self.last_good_checkpoint: Path | None = None
@@ -530,7 +656,11 @@ class Trainer:
         new = yaml.safe_load(yaml.safe_dump(to_dict(self.run_config), sort_keys=False))
         changes = config_changes(saved.get("config") or {}, new)
         allowed = set(self.cfg.allow_config_change)
-        blocked = [k for k in changes if k not in RESUME_FREE_KEYS and k not in allowed]
+        free = set(RESUME_FREE_KEYS)
+        if (saved.get("config") or {}).get("train", {}).get("global_batch") is not None \
+                and "train.global_batch" not in changes:
+            free.add("train.batch_size")  # the global batch holds: the micro-batch only changes memory
+        blocked = [k for k in changes if k not in free and k not in allowed]
         if blocked:
             listed = ", ".join(f"{k} ({_short(changes[k][0])} -> {_short(changes[k][1])})" for k in blocked)
             raise ConfigChanged(
@@ -564,34 +694,48 @@ class Trainer:
             fh.write(json.dumps(record) + "\n")
 
     # ------------------------------------------------------------------ one step
-    def _apply(self, phase: Phase) -> tuple[bool, float]:
-        """Backward and update of one phase; returns (loss finite, grad norm).
+    def _backward(self, phase: Phase, micro: int) -> bool:
+        """Backward of micro-batch ``micro`` of a phase, its loss averaged over the ``accum`` micro-batches;
+        only the last one's backward all-reduces the gradients (DDP ``no_sync`` before it). Returns
+        whether the loss is finite on every rank; a non-finite loss gets no backward, and the step no update."""
+        opt = self.optimizers[phase.optimizer]
+        if micro == 0:
+            opt.zero_grad(set_to_none=True)  # drop grads an earlier phase left on these params (GAN: disc)
+        finite = bool(torch.isfinite(phase.loss.detach()).item())
+        if all_reduce_flag(not finite, self.device):
+            return False
+        loss = phase.loss / self.accum if self.accum > 1 else phase.loss
+        sync = micro == self.accum - 1
+        ctx = self.replica.no_sync() if self.replica is not None and not sync else contextlib.nullcontext()
+        with ctx:
+            if self.replica is not None:
+                loss = self.replica(loss)
+            self.scaler.scale(loss).backward()
+        return True
+
+    def _update(self, name: str, finite: bool) -> float:
+        """The update of optimizer ``name`` from its accumulated, all-reduced gradients; returns the norm.
 
         fp16 follows ``torch.amp.GradScaler``: ``unscale_`` once per optimizer, clip, ``scaler.step``
         (which skips the update when the unscaled gradients hold inf/NaN); ``scaler.update()`` comes once
         per step, after every phase (:meth:`_update_scale`). Without fp16 a non-finite gradient norm skips
-        the update and counts as a bad step, like a non-finite loss."""
-        opt = self.optimizers[phase.optimizer]
-        params = self.groups[phase.optimizer]
-        finite = bool(torch.isfinite(phase.loss.detach()).item())
-        finite = not all_reduce_flag(not finite, self.device)
-        opt.zero_grad(set_to_none=True)  # drop grads an earlier phase left on these params (GAN: disc)
+        the update and counts as a bad step, like a non-finite loss (``self.step_ok``)."""
+        opt, params = self.optimizers[name], self.groups[name]
         if not finite:
-            return False, float("nan")
-        self.scaler.scale(phase.loss).backward()
-        all_reduce_grads(params, self.dist.world_size)
+            opt.zero_grad(set_to_none=True)
+            return float("nan")
         self.scaler.unscale_(opt)
         norm = 0.0
         if self.cfg.grad_clip > 0:
             norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip))
-        lr = lr_at(self.step, self.cfg)
+        lr = lr_at(self.step, self.cfg, self.peak_lr)
         for g in opt.param_groups:
             g["lr"] = lr * g.get("lr_scale", 1.0)
         if self.scaler.is_enabled():
             if self.cfg.grad_clip <= 0:  # the norm says which optimizer overflowed (inf/NaN gradients)
                 norm = float(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
             if not math.isfinite(norm):
-                self.overflowed.append(phase.optimizer)
+                self.overflowed.append(name)
             self.scaler.step(opt)  # skipped by the scaler itself on an overflow (same on every rank)
             self.scaler_stepped = True
         else:
@@ -599,9 +743,49 @@ class Trainer:
             if not all_reduce_flag(not grads_ok, self.device):
                 opt.step()
             else:
-                finite = False
+                self.step_ok = False
         opt.zero_grad(set_to_none=True)
-        return finite, norm
+        return norm
+
+    def _train_step(self, micro_batches: list[Any]) -> dict[str, float]:
+        """One optimizer step over this rank's micro-batches: every phase's forward and backward for each
+        micro-batch in turn (the graph of one is freed before the next), then that phase's update.
+
+        Micro-batch ``m`` draws its randomness from ``step_seed(seed, step, m * world + rank)``, and each
+        keeps its own RNG stream across its phases, so N ranks x ``accum`` micro-batches reproduce one rank
+        with the same global batch. Sets ``self.step_ok``."""
+        world, rank, n = self.dist.world_size, self.dist.rank, len(micro_batches)
+        gens, rngs = [], []
+        for m, batch in enumerate(micro_batches):
+            torch.manual_seed(step_seed(self.cfg.seed, self.step, m * world + rank))
+            gens.append(iter(self.task.train_step(batch, self.step)))
+            rngs.append(_rng_snapshot(self.device) if n > 1 else None)
+        self.step_ok, logs = True, {}
+        while True:
+            phases: list[Phase | None] = []
+            finite = True
+            for m, gen in enumerate(gens):
+                if n > 1:
+                    _rng_restore(rngs[m], self.device)
+                with self.autocast():
+                    phase = next(gen, None)
+                if n > 1:
+                    rngs[m] = _rng_snapshot(self.device)
+                phases.append(phase)
+                if phase is not None:
+                    finite &= self._backward(phase, m)
+                    for k, v in {f"loss/{phase.optimizer}": phase.loss, **phase.logs}.items():
+                        logs[k] = logs.get(k, 0.0) + (float(v.detach()) if torch.is_tensor(v) else float(v)) / n
+            if all(p is None for p in phases):
+                return logs
+            names = {p.optimizer if p is not None else None for p in phases}
+            if len(names) != 1:
+                raise RuntimeError(f"the task's micro-batches of step {self.step} yielded different phases "
+                                   f"({sorted(map(str, names))}); train_step must yield the same phases for "
+                                   "every batch of a step")
+            name = phases[0].optimizer
+            self.step_ok &= finite
+            logs[f"grad_norm/{name}"] = self._update(name, finite)
 
     def _update_scale(self) -> bool:
         """fp16: ``scaler.update()`` once per step; True when the step's update was skipped (overflow)."""
@@ -647,6 +831,11 @@ class Trainer:
             save_config(self.run_config, self.run_dir)  # only once the run directory is ours
         self.resume()
         self._record_config_changes(changed)
+        self.replica = replicate(self.modules, self.dist)  # after resume: DDP broadcasts rank 0's weights
+        if self.dist.is_main and (self.accum > 1 or self.dist.enabled or cfg.global_batch is not None):
+            print(f"[train] global batch {self.global_batch} = {self.dist.world_size} rank(s) x "
+                  f"{cfg.batch_size} x {self.accum} accumulation step(s); peak lr {self.peak_lr:.4g} "
+                  f"({cfg.lr_scaling.value})", file=sys.stderr)
         old_handlers = {}
         for sig in (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT):
             with contextlib.suppress(ValueError):  # not the main thread
@@ -654,8 +843,9 @@ class Trainer:
         logger = MetricsLogger(self.run_dir, self.dist.is_main, cfg.tensorboard)
         workers = cfg.num_workers > 0
         loader = DataLoader(self.dataset, batch_sampler=self.sampler, num_workers=cfg.num_workers,
-                            collate_fn=self.collate_fn, pin_memory=self.device.type == "cuda",
+                            collate_fn=self.collate_fn, pin_memory=cfg.pin_memory and self.device.type == "cuda",
                             persistent_workers=workers and cfg.persistent_workers,
+                            prefetch_factor=cfg.prefetch_factor if workers else None,
                             worker_init_fn=functools.partial(_worker_init, self.lock_fd) if workers else None)
         self.data_origin, self.batches_trained = self.sampler.state_dict(), 0  # where the loader starts
         bar = None
@@ -673,22 +863,13 @@ class Trainer:
         try:
             data = iter(loader)
             while self.step < cfg.max_steps and not all_reduce_flag(self.stop_requested, self.device):
-                batch = self._to_device(next(data))
+                micro = [self._to_device(next(data)) for _ in range(self.accum)]
                 self.batches_trained += 1
-                torch.manual_seed(step_seed(cfg.seed, self.step, self.dist.rank))
-                step_ok, logs = True, {}
-                with self.autocast():
-                    phases = self.task.train_step(batch, self.step)
-                    for phase in phases:
-                        ok, norm = self._apply(phase)
-                        step_ok &= ok
-                        logs[f"loss/{phase.optimizer}"] = float(phase.loss.detach())
-                        logs[f"grad_norm/{phase.optimizer}"] = norm
-                        logs.update({k: float(v.detach()) if torch.is_tensor(v) else float(v)
-                                     for k, v in phase.logs.items()})
+                logs = self._train_step(micro)
+                step_ok = self.step_ok
                 if self._update_scale():  # fp16: once per step, after every optimizer stepped
                     logs = {k: v for k, v in logs.items() if math.isfinite(v) or not k.startswith("grad_norm/")}
-                seen += len(batch[0]) if isinstance(batch, (list, tuple)) else cfg.batch_size
+                seen += sum(len(b[0]) if isinstance(b, (list, tuple)) else cfg.batch_size for b in micro)
                 if not step_ok:
                     self.bad_steps += 1
                     if self.bad_steps >= cfg.max_bad_steps:
@@ -715,7 +896,7 @@ class Trainer:
                 if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
                     dt = time.perf_counter() - t0
                     last = {k: v / counts[k] for k, v in acc.items()}
-                    last.update({"lr": lr_at(self.step - 1, cfg), "images_per_s": seen * self.dist.world_size / dt})
+                    last.update({"lr": lr_at(self.step - 1, cfg, self.peak_lr), "images_per_s": seen * self.dist.world_size / dt})
                     if self.scaler.is_enabled():
                         last.update({"amp/loss_scale": self.scaler.get_scale(),
                                      "amp/skipped_steps": float(self.skipped_steps)})
