@@ -184,7 +184,7 @@ def test_global_batch_split_and_lr_rule() -> None:
     assert global_batch(TrainConfig(batch_size=16), 4) == (64, 1)  # no global_batch: batch_size x ranks
     with pytest.raises(ConfigError, match=r"global_batch=256 does not split into 3 rank"):
         global_batch(cfg, 3)
-    with pytest.raises(ValueError, match="positive multiple of train.batch_size"):
+    with pytest.raises(ValueError, match=r"positive multiple of train\.batch_size"):
         TrainConfig(batch_size=32, global_batch=48)
 
 
