@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 from pathlib import Path
 
 import numpy as np
@@ -443,3 +445,366 @@ def test_build_dataset_guards(emoji: dict[str, ImageDataset]) -> None:
         build_dataset(DataConfig(val_fraction=0.0), "val", source=emoji["all"].source)
     with pytest.raises(IndexError):
         emoji["val"][len(emoji["val"])]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The cached folder index
+# ---------------------------------------------------------------------------------------------------------
+
+def _classes(root: Path, per_class: int = 3) -> None:
+    for c, name in enumerate(("cats", "dogs")):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            Image.fromarray(_gradient(20 + 4 * i, 24) // (c + 1)).save(root / name / f"{i}.png")
+
+
+class _Opens:
+    """Counts image files opened (PIL's open) and index checks while installed."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.opened: list[str] = []
+        self.checked: list[str] = []
+        real_open, real_check = Image.open, data_mod._check_file
+
+        def counting_open(fp, *a, **kw):
+            self.opened.append(str(fp))
+            return real_open(fp, *a, **kw)
+
+        def counting_check(path):
+            self.checked.append(str(path))
+            return real_check(path)
+
+        monkeypatch.setattr(Image, "open", counting_open)
+        monkeypatch.setattr(data_mod, "_check_file", counting_check)
+
+
+def test_folder_index_is_built_once_and_a_second_start_opens_no_image(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = tmp_path / "images"
+    _classes(root)
+    (root / "cats" / "bad.png").write_bytes(b"not a png")
+    opens = _Opens(monkeypatch)
+    first = data_mod.folder_index(root)
+    assert not first.cached and len(opens.checked) == 7 and first.file is not None
+    assert first.file.is_relative_to(data_mod.cache_dir(data_mod.INDEX_KIND))  # under ALIT_HOME
+    opens.opened.clear(), opens.checked.clear()
+    cfg = DataConfig(source=str(root), resolution=16, val_fraction=0.0)
+    source = scan_source(cfg)  # a second start: lists directories, opens nothing
+    assert opens.opened == [] and opens.checked == []
+    again = data_mod.folder_index(root)
+    assert again.cached and opens.opened == [] and opens.checked == []
+    assert again.paths.relative_paths() == first.paths.relative_paths() == \
+        [f"{c}/{i}.png" for c in ("cats", "dogs") for i in range(3)]
+    assert np.array_equal(again.labels, first.labels) and np.array_equal(again.sizes, first.sizes)
+    assert again.sizes.tolist() == [[20 + 4 * i, 24] for _ in range(2) for i in range(3)]
+    assert again.skipped == first.skipped and again.skipped[0][0] == str(root / "cats" / "bad.png")
+    assert again.class_names == ["cats", "dogs"]
+    # compact paths: one uint8 buffer + offsets, Path objects only on demand
+    assert isinstance(source.paths, data_mod.PathTable) and source.paths.blob.dtype == np.uint8
+    assert source.paths[4] == root / "dogs" / "1.png" and len(source.paths) == 6
+    assert source.paths.nbytes < 200
+    with np.load(first.file, allow_pickle=False) as d:  # a plain npz: no pickled objects
+        assert d["paths_blob"].dtype == np.uint8 and d["sizes"].shape == (6, 2)
+    # the index does not depend on resolution or policy: another config reuses it
+    for res, policy in [(8, "center_crop"), (64, "random_resized_crop"), (32, "resize")]:
+        ds = build_dataset(DataConfig(source=str(root), resolution=res, resize=policy, val_fraction=0.0), "train")
+        assert len(ds) == 6 and ds.upscaled == (6 if res > 20 else 0)
+    assert opens.checked == []
+    assert len(opens.opened) == 0
+
+
+@pytest.mark.parametrize("change", ["add", "remove", "rename", "add_class"])
+def test_a_changed_folder_rebuilds_its_index(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, change: str) -> None:
+    root = tmp_path / "images"
+    _classes(root)
+    assert not data_mod.folder_index(root).cached
+    assert data_mod.folder_index(root).cached
+    if change == "add":
+        _save(root / "dogs" / "nested" / "new.png", (1, 2, 3))
+    elif change == "remove":
+        (root / "cats" / "1.png").unlink()
+    elif change == "rename":
+        (root / "cats" / "1.png").rename(root / "cats" / "9.png")
+    else:
+        _save(root / "emus" / "0.png", (1, 2, 3))
+    opens = _Opens(monkeypatch)
+    index = data_mod.folder_index(root)
+    assert not index.cached and len(opens.checked) == len(index.paths)
+    names = index.paths.relative_paths()
+    expected = {"add": 7, "remove": 5, "rename": 6, "add_class": 7}[change]
+    assert len(names) == expected
+    assert ("dogs/nested/new.png" in names) == (change == "add")
+    assert ("cats/9.png" in names) == (change == "rename")
+    assert index.class_names == (["cats", "dogs", "emus"] if change == "add_class" else ["cats", "dogs"])
+    assert data_mod.folder_index(root).cached  # and the new index is cached in turn
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "wrong_arrays"])
+def test_a_corrupt_index_is_rebuilt_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                   damage: str) -> None:
+    root = tmp_path / "images"
+    _classes(root)
+    file = data_mod.folder_index(root).file
+    assert file is not None
+    if damage == "garbage":
+        file.write_bytes(b"this is not an npz")
+    elif damage == "truncated":
+        file.write_bytes(file.read_bytes()[:300])
+    else:
+        with np.load(file, allow_pickle=False) as d:
+            arrays = {k: d[k] for k in d.files}
+        arrays["paths_offsets"] = arrays["paths_offsets"][:-2]  # one path too few for the labels
+        with open(file, "wb") as f:
+            np.savez(f, **arrays)
+    with caplog.at_level(logging.WARNING, logger="tokenizer.core.data"):
+        index = data_mod.folder_index(root)
+    assert not index.cached and len(index.paths) == 6
+    assert "unreadable" in caplog.text and "rebuilding" in caplog.text and str(file) in caplog.text
+    assert data_mod.folder_index(root).cached  # repaired
+
+
+def test_an_unwritable_index_cache_is_a_warning_not_a_crash(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    root = tmp_path / "images"
+    _classes(root)
+    blocker = tmp_path / "home-file"
+    blocker.write_text("ALIT_HOME points at a file")
+    monkeypatch.setenv("ALIT_HOME", str(blocker))
+    with caplog.at_level(logging.WARNING, logger="tokenizer.core.data"):
+        ds = build_dataset(DataConfig(source=str(root), resolution=16, val_fraction=0.0), "train")
+    assert len(ds) == 6 and "without a cache" in caplog.text
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Files that fail to decode at read time: a deterministic replacement
+# ---------------------------------------------------------------------------------------------------------
+
+def _eight(root: Path) -> DataConfig:
+    for i in range(8):
+        _save(root / f"{i}.png", (30 * i, 5, 7))
+    return DataConfig(source=str(root), resolution=16, val_fraction=0.0, hflip=True)
+
+
+def _red(x: torch.Tensor) -> int:
+    return _pixel(x)[0] // 30  # which file (i) an item came from
+
+
+def test_unreadable_files_are_replaced_deterministically_whatever_the_discovery_order(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    cfg = _eight(tmp_path)
+    datasets = [build_dataset(cfg, "train", seed=5) for _ in range(3)]
+    for i in (2, 3, 7):  # broken after indexing: a run of two, and the last one (wraps to the first)
+        (tmp_path / f"{i}.png").write_bytes(b"broken")
+    orders = [list(range(8)), list(range(7, -1, -1)), [3, 7, 6, 2, 0, 5, 1, 4]]
+    with caplog.at_level(logging.WARNING, logger="tokenizer.core.data"):
+        views = [{pos: ds[(4, pos)][0] for pos in order} for ds, order in zip(datasets, orders)]
+    for v in views[1:]:
+        assert all(torch.equal(v[p], views[0][p]) for p in range(8))
+    assert [_red(views[0][p]) for p in range(8)] == [0, 1, 4, 4, 4, 5, 6, 0]
+    for ds in datasets:  # counted and reported in every process that met them
+        assert sorted(ds.runtime_failures) == [2, 3, 7]
+        assert sorted(Path(p).name for p, _ in ds.skipped) == ["2.png", "3.png", "7.png"]
+        assert "8 of 8 images" in ds.summary() and "3 files skipped" in ds.summary()
+    assert caplog.text.count("substituting the next image") == 9
+    assert all("failed to decode" in r for r in datasets[0].runtime_failures.values())
+
+
+def _loader_items(ds: ImageDataset, batches: list[list[tuple[int, int]]], workers: int) -> list[torch.Tensor]:
+    loader = torch.utils.data.DataLoader(ds, batch_sampler=batches, num_workers=workers)
+    return [x for x, _ in loader]
+
+
+def test_unreadable_file_replacement_is_the_same_in_worker_processes_and_after_a_resume(tmp_path: Path) -> None:
+    cfg = dataclasses.replace(_eight(tmp_path), resize=ResizePolicy.random_resized_crop)
+    for i in (1, 2, 6):
+        (tmp_path / f"{i}.png").write_bytes(b"")  # empty: left out by the index
+    assert len(scan_source(cfg)) == 5
+    for i in (1, 2, 6):  # repaired in place (same names): the index notices its skipped files changed
+        _save(tmp_path / f"{i}.png", (30 * i, 5, 7))
+    ds = build_dataset(cfg, "train", seed=2)
+    assert len(ds) == 8 and not ds.skipped
+    for i in (1, 2, 6):  # broken again in place, after indexing: now they fail at read time
+        (tmp_path / f"{i}.png").write_bytes(b"\x89PNG broken")
+    g = torch.Generator().manual_seed(0)
+    batches = [[(e, int(p)) for p in torch.randperm(8, generator=g)[:4]] for e in range(4)]  # 4 steps of 4
+    single = _loader_items(build_dataset(cfg, "train", seed=2), batches, workers=0)
+    workers = _loader_items(build_dataset(cfg, "train", seed=2), batches, workers=2)
+    assert all(torch.equal(a, b) for a, b in zip(single, workers, strict=True))
+    resumed = _loader_items(build_dataset(cfg, "train", seed=2), batches[2:], workers=2)  # a fresh process
+    assert all(torch.equal(a, b) for a, b in zip(single[2:], resumed, strict=True))
+    assert all(len(b) == 4 for b in single)  # batches stay full
+    flat = [_red(x) for b in single for x in b]
+    assert not {1, 2, 6} & set(flat)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# random_resized_crop
+# ---------------------------------------------------------------------------------------------------------
+
+def test_random_resized_crop_config_validates() -> None:
+    cfg = load_config(DataConfig, None, ["resize=random_resized_crop", "crop_scale=[0.5,1.0]", "hflip=true"])
+    assert cfg.resize is ResizePolicy.random_resized_crop and cfg.crop_scale == [0.5, 1.0]
+    assert DataConfig().crop_scale == [0.8, 1.0] and DataConfig().crop_ratio == pytest.approx([3 / 4, 4 / 3])
+    assert to_dict(cfg)["crop_scale"] == [0.5, 1.0]
+    for bad, key in [({"crop_scale": [0.0, 1.0]}, "crop_scale"), ({"crop_scale": [0.9, 0.8]}, "crop_scale"),
+                     ({"crop_scale": [0.5, 1.5]}, "crop_scale"), ({"crop_scale": [0.8]}, "crop_scale"),
+                     ({"crop_scale": "big"}, "crop_scale"), ({"crop_ratio": [2.0, 1.0]}, "crop_ratio"),
+                     ({"crop_ratio": [-1.0, 1.0]}, "crop_ratio")]:
+        with pytest.raises(ValueError, match=rf"data\.{key}=.*e\.g\. \[0\.") as info:
+            DataConfig(**bad)
+        assert key in str(info.value)
+    with pytest.raises(ConfigError, match="crop_scale"):
+        load_config(DataConfig, None, ["crop_scale=[0.8,x]"])
+
+
+class _TorchvisionDraws:
+    """Stands in for torch's RNG inside torchvision's RandomResizedCrop.get_params: replays our uniforms
+    in the order torchvision draws them (per try: scale, log-ratio; on accepting: top, left)."""
+
+    def __init__(self, uniforms: np.ndarray) -> None:
+        self.u, self.calls, self.ints = uniforms, 0, 0
+
+    def empty(self, *size):
+        outer = self
+
+        class _Draw:
+            def uniform_(self, lo, hi):
+                t, k = divmod(outer.calls, 2)
+                outer.calls += 1
+                return torch.tensor([lo + (hi - lo) * float(outer.u[4 * t + k])], dtype=torch.float64)
+        return _Draw()
+
+    def randint(self, low, high, size):
+        t = (self.calls - 1) // 2
+        value = int(float(self.u[4 * t + 2 + self.ints]) * (high - low)) + low
+        self.ints += 1
+        return torch.tensor([value])
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+
+def test_random_resized_crop_box_is_torchvisions_algorithm(monkeypatch: pytest.MonkeyPatch) -> None:
+    tv = pytest.importorskip("torchvision.transforms.transforms")
+    sizes = [(64, 48), (500, 375), (33, 100), (100, 10), (17, 17), (1000, 90)]
+    checked = fallbacks = 0
+    for k in range(300):
+        width, height = sizes[k % len(sizes)]
+        scale, ratio = [(0.8, 1.0), (0.08, 1.0), (0.99, 1.0)][k % 3], (3 / 4, 4 / 3)
+        keys = data_mod.hash_keys(k, np.arange(4 * data_mod.RRC_TRIES))
+        ours = data_mod.random_resized_crop_box(width, height, scale, ratio, keys)
+        draws = _TorchvisionDraws(data_mod._uniforms(keys))
+        monkeypatch.setattr(tv, "torch", draws)
+        image = Image.new("RGB", (width, height))
+        theirs = tv.RandomResizedCrop.get_params(image, list(scale), list(ratio))  # (i, j, h, w)
+        monkeypatch.undo()
+        assert ours == tuple(int(v) for v in theirs), (width, height, scale, ours, theirs)
+        top, left, h, w = ours
+        assert 0 <= top <= height - h and 0 <= left <= width - w
+        fallbacks += draws.ints == 0
+        checked += 1
+    assert checked == 300 and 0 < fallbacks < 200  # both the tries and the central-crop fallback ran
+
+
+def test_random_resized_crop_is_deterministic_per_seed_epoch_and_index(tmp_path: Path) -> None:
+    for i in range(3):
+        Image.fromarray(_gradient(48 + 8 * i, 40)).save(tmp_path / f"{i}.png")
+    cfg = DataConfig(source=str(tmp_path), resolution=16, resize=ResizePolicy.random_resized_crop,
+                     crop_scale=[0.3, 1.0], hflip=True, val_fraction=0.0)
+    a, b = build_dataset(cfg, "train", seed=3), build_dataset(cfg, "train", seed=3)
+    views = {(e, i): a[(e, i)][0] for e in range(8) for i in range(3)}
+    for (e, i), x in views.items():
+        assert x.shape == (3, 16, 16) and torch.equal(x, b[(e, i)][0])  # a fresh instance: the same pixels
+    b.set_epoch(6)
+    assert torch.equal(b[2][0], views[(6, 2)])
+    assert len({views[(e, 0)].sum().item() for e in range(8)}) == 8  # a different crop every epoch
+    other = build_dataset(cfg, "train", seed=4)
+    assert any(not torch.equal(other[(e, 1)][0], views[(e, 1)]) for e in range(8))
+    # the pixels are the box of crop_box scaled to R (bicubic)
+    top, left, h, w = a.crop_box(1, 5, 56, 40)
+    full = _gradient(56, 40)
+    expected = np.asarray(Image.fromarray(full).resize((16, 16), Image.Resampling.BICUBIC,
+                                                       box=(left, top, left + w, top + h)))
+    bits = int(data_mod.hash_keys(3, np.array([1]), salt=5 + 2)[0])
+    expected = expected[:, ::-1] if bits & 1 else expected
+    assert np.array_equal(((views[(5, 1)] + 1) * 127.5).round().byte().permute(1, 2, 0).numpy(), expected)
+    # other splits take the centre crop, whatever the epoch
+    evaluation = build_dataset(cfg, "all")
+    centre = np.asarray(Image.fromarray(full).resize((22, 16), Image.Resampling.BICUBIC))[:, 3:19]  # 56x40 -> 22x16
+    assert np.array_equal(evaluation.uint8_images(1, 2)[0], centre)
+    assert torch.equal(evaluation[(0, 1)][0], evaluation[(7, 1)][0])
+
+
+def test_random_resized_crop_from_an_npz_source(tmp_path: Path) -> None:
+    np.savez(tmp_path / "g.npz", images=np.stack([_gradient(32, 24)] * 4))
+    cfg = DataConfig(source=str(tmp_path / "g.npz"), resolution=16, resize=ResizePolicy.random_resized_crop,
+                     val_fraction=0.0)
+    ds = build_dataset(cfg, "train")
+    assert ds.source.images is not None and ds.source.images.shape == (4, 24, 32, 3)  # kept whole
+    assert ds[(0, 0)][0].shape == (3, 16, 16) and not torch.equal(ds[(0, 0)][0], ds[(1, 0)][0])
+    assert ds.uint8_images().shape == (4, 16, 16, 3)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reduced-size JPEG decoding
+# ---------------------------------------------------------------------------------------------------------
+
+def _photo(width: int, height: int) -> np.ndarray:
+    """Smooth colour content with some edges, like a photograph at low frequency."""
+    y, x = np.mgrid[0:height, 0:width] / max(width, height)
+    img = np.stack([np.sin(6 * x + 2 * y), np.cos(5 * y - 3 * x), np.sin(4 * (x + y)) * np.cos(3 * x)], axis=-1)
+    img = (img + 1) * 100
+    img[height // 3: height // 2, width // 4: width // 2] = (250, 30, 30)  # a block with sharp edges
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def test_draft_decoding_keeps_the_pixels_the_crop_needs_and_is_used(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from PIL import JpegImagePlugin
+
+    Image.fromarray(_photo(800, 600)).save(tmp_path / "big.jpg", quality=95)
+    Image.fromarray(_photo(800, 600)).save(tmp_path / "big.png")
+    calls: list[tuple[tuple[int, int], tuple[int, int]]] = []
+    real = JpegImagePlugin.JpegImageFile.draft
+
+    def spy(self, mode, size):
+        before = self.size
+        out = real(self, mode, size)
+        calls.append((before, self.size))
+        return out
+
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", spy)
+    assert data_mod.decode_image(tmp_path / "big.jpg", 64).shape == (75, 100, 3)  # 1/8: shorter side >= 64
+    assert calls == [((800, 600), (100, 75))]
+    assert data_mod.decode_image(tmp_path / "big.jpg", 400).shape == (600, 800, 3)  # cannot halve: full size
+    assert data_mod.decode_image(tmp_path / "big.png", 64).shape == (600, 800, 3)  # only JPEG has draft
+    assert len(calls) == 1
+    cfg = DataConfig(source=str(tmp_path), resolution=64, val_fraction=0.0)
+    ds = build_dataset(cfg, "train")
+    assert ds.source.paths is not None and ds.source.paths[0].name == "big.jpg"
+    drafted = ds.uint8_images(0, 1)[0].astype(int)
+    assert len(calls) == 2
+    ds.draft = False
+    full = ds.uint8_images(0, 1)[0].astype(int)
+    png = ds.uint8_images(1, 2)[0].astype(int)
+    assert len(calls) == 2  # draft off: not called
+    assert np.abs(drafted - full).mean() < 2.0 and np.abs(drafted - png).mean() < 2.5  # 0..255 units
+    assert np.abs(drafted - full).max() > 0  # it really decoded differently
+
+
+def test_random_resized_crop_draft_keeps_enough_pixels_for_every_crop(tmp_path: Path) -> None:
+    Image.fromarray(_photo(640, 480)).save(tmp_path / "a.jpg", quality=92)
+    cfg = DataConfig(source=str(tmp_path), resolution=64, resize=ResizePolicy.random_resized_crop,
+                     val_fraction=0.0)
+    train = build_dataset(cfg, "train")
+    side = train.decode_side
+    assert side == math.ceil(64 / math.sqrt(0.8 * 0.75)) + 1
+    assert build_dataset(cfg, "all").decode_side == 64  # evaluation: the centre crop needs R
+    h, w = data_mod.decode_image(tmp_path / "a.jpg", side).shape[:2]
+    assert (w, h) == (160, 120)  # 1/4 of 640 x 480: shorter side 120 >= 84
+    boxes = [train.crop_box(0, e, w, h) for e in range(300)]
+    assert min(min(bh, bw) for _, _, bh, bw in boxes) >= 64  # no crop of the drafted image upsamples
+    drafted = torch.stack([train[(e, 0)][0] for e in range(4)])
+    train.draft = False
+    full = torch.stack([train[(e, 0)][0] for e in range(4)])  # same draws, boxes 4x larger in pixels
+    assert (drafted - full).abs().mean() * 127.5 < 4.0

@@ -699,7 +699,19 @@ def _check_all(root: Path, files: list[str]) -> list[tuple[int, int] | str]:
         return [r for results in pool.map(_check_chunk, chunks) for r in results]
 
 
-def _index_arrays(listing: _Listing, checks: list[tuple[int, int] | str]) -> dict[str, np.ndarray]:
+def _stat_stamps(root: Path, files: Sequence[str]) -> np.ndarray:
+    """(n, 2) int64 (size, mtime ns) of ``root / f`` for each file (-1, -1 when it cannot be stat'ed)."""
+    out = np.full((len(files), 2), -1, dtype=np.int64)
+    for k, f in enumerate(files):
+        try:
+            st = os.stat(root / f)
+        except OSError:
+            continue
+        out[k] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+def _index_arrays(root: Path, listing: _Listing, checks: list[tuple[int, int] | str]) -> dict[str, np.ndarray]:
     good = [k for k, c in enumerate(checks) if not isinstance(c, str)]
     skipped = [(f, "not inside a class folder (the root has class subfolders)") for f in listing.loose]
     skipped += [(listing.files[k], c) for k, c in enumerate(checks) if isinstance(c, str)]
@@ -714,7 +726,9 @@ def _index_arrays(listing: _Listing, checks: list[tuple[int, int] | str]) -> dic
             "labels": listing.labels[good] if good else np.zeros(0, np.int64), "sizes": sizes,
             "names_blob": names_blob, "names_offsets": names_offsets,
             "skipped_blob": skip_blob, "skipped_offsets": skip_offsets,
-            "reasons_blob": why_blob, "reasons_offsets": why_offsets}
+            "reasons_blob": why_blob, "reasons_offsets": why_offsets,
+            # stat of the skipped files (a few): a file repaired in place (same name) is noticed
+            "skipped_stats": _stat_stamps(root, [p for p, _ in skipped])}
 
 
 def _offsets_ok(blob: np.ndarray, offsets: np.ndarray) -> bool:
@@ -735,6 +749,8 @@ def _read_index(file: Path, fingerprint: str) -> dict[str, np.ndarray] | None:
         if blob.dtype != np.uint8 or not _offsets_ok(blob, offsets) or (count is not None
                                                                         and len(offsets) != count + 1):
             raise ValueError(f"inconsistent {name} arrays")
+    if arrays["skipped_stats"].shape != (len(arrays["skipped_offsets"]) - 1, 2):
+        raise ValueError("inconsistent skipped_stats")
     labels, sizes = arrays["labels"], arrays["sizes"]
     n_classes = len(arrays["names_offsets"]) - 1
     if labels.dtype != np.int64 or sizes.shape != (n, 2):
@@ -749,8 +765,10 @@ def folder_index(root: str | os.PathLike[str]) -> FolderIndex:
     """The index of image folder ``root``: read from ``$ALIT_HOME/data-index/`` when the folder is unchanged
     (no image file is opened), else built by checking every file (header + integrity) and cached.
 
-    Unchanged means the same resolved path, the same image file names (so the same count) and the same
-    modification times of the folder and every subfolder. A stale index is replaced; an unreadable one is
+    Unchanged means the same resolved path, the same image file names (so the same count), the same
+    modification times of the folder and every subfolder, and the same size and modification time of
+    each file it left out (so a bad file repaired in place is indexed again; a good file broken in place
+    is caught at read time). A stale index is replaced; an unreadable one is
     rebuilt with a warning; a cache that cannot be written is a warning (the next start indexes again).
     """
     start = time.perf_counter()
@@ -771,13 +789,18 @@ def folder_index(root: str | os.PathLike[str]) -> FolderIndex:
             arrays = _read_index(file, listing.fingerprint)
             if arrays is None:
                 log.info("data: %s changed since its index was built: indexing it again", root)
+            else:
+                skipped = _unpack(arrays["skipped_blob"], arrays["skipped_offsets"])
+                if not np.array_equal(_stat_stamps(root, skipped), arrays["skipped_stats"]):
+                    log.info("data: a file the index of %s left out has changed: indexing it again", root)
+                    arrays = None
         except Exception as e:  # a truncated or foreign file: never a crash, rebuild it
             log.warning("data: the cached index %s is unreadable (%s: %s): rebuilding it", file,
                         type(e).__name__, e)
     cached = arrays is not None
     if arrays is None:
         log.info("data: indexing %d image files of %s (checked once, then cached)", len(listing.files), root)
-        arrays = _index_arrays(listing, _check_all(root, listing.files))
+        arrays = _index_arrays(root, listing, _check_all(root, listing.files))
         if file is not None:
             try:
                 with atomic_path(file) as tmp, open(tmp, "wb") as f:
