@@ -12,6 +12,8 @@ What is measured (README, "Benchmarks", says what each number means and lists th
 - ``peak.*`` and ``flops.*``: dense matmul peak per precision, and the achieved FLOP/s of the tokenizer
   (distillation) and prior (MaskGIT) training steps as a fraction of it.
 - ``bf16.*``: bf16 autocast vs fp32 speed-ups, and the output differences of the same model both ways.
+- ``data.*``: an image folder's first start (index built) vs second start (cached index), and DataLoader
+  images/s with 0 and 2 workers, on a synthetic folder of 50,000 JPEGs under ``$ALIT_HOME/bench/data/``.
 - ``cuda.xformers_vs_sdpa.*``: on CUDA only (``n/a`` with the reason elsewhere).
 
 The JSON report goes to ``$ALIT_HOME/bench/results/bench-<date>.json`` (never the source tree).
@@ -45,7 +47,7 @@ from .timing import Settings
 __all__ = ["GROUPS", "REQUIRED_KEYS", "SCHEMA", "Report", "Settings", "default_output", "required_keys", "run"]
 
 GROUPS = ("encode", "finetune", "tokenizer_step", "bf16_tokenizer", "ar", "maskgit", "packing", "prior_step",
-          "bf16_prior", "fid", "cuda")  # --only choices (the matmul peak always runs)
+          "bf16_prior", "fid", "data", "cuda")  # --only choices (the matmul peak always runs)
 SHAPES = tuple(TOKENIZER_SHAPES)
 
 
@@ -73,7 +75,9 @@ def required_keys() -> tuple[str, ...]:
              "bf16.quality.maskgit_logit_maxabs", "bf16.quality.maskgit_argmax_agreement",
              "bf16.quality.ar_logit_maxabs", "bf16.quality.ar_argmax_agreement",
              "fid.features_per_s.torch_fidelity", "fid.features_per_s.clean_fid", "fid.stats_per_s",
-             "fid.frechet_s", "cuda.xformers_vs_sdpa.dense", "cuda.xformers_vs_sdpa.padded",
+             "fid.frechet_s", "data.index.first_start_s", "data.index.second_start_s",
+             "data.index.cached_speedup", "data.index.second_over_first", "data.loader.images_per_s.w0",
+             "data.loader.images_per_s.w2", "cuda.xformers_vs_sdpa.dense", "cuda.xformers_vs_sdpa.padded",
              "cuda.xformers_vs_sdpa.packed"]
     return tuple(keys)
 
@@ -90,7 +94,7 @@ def default_output(quick: bool = False, now: datetime | None = None) -> Path:
 def _jobs(settings: Settings, flops: list[dict[str, Any]],
           refs: dict[str, Any]) -> list[tuple[str, str, Callable[[Report], None]]]:
     """(group, label, function) in running order."""
-    from . import fid_bench, hardware, prior_bench, tokenizer_bench
+    from . import data_bench, fid_bench, hardware, prior_bench, tokenizer_bench
 
     s = settings
     jobs: list[tuple[str, str, Callable[[Report], None]]] = []
@@ -111,6 +115,7 @@ def _jobs(settings: Settings, flops: list[dict[str, Any]],
         ("prior_step", "prior step", lambda r: prior_bench.bench_prior_step(s, r, flops, refs)),
         ("bf16_prior", "bf16 priors", lambda r: prior_bench.bench_bf16_priors(s, r)),
         ("fid", "FID", lambda r: fid_bench.bench_fid(s, r)),
+        ("data", "data path", lambda r: data_bench.bench_data(s, r)),
         ("cuda", "CUDA attention", lambda r: hardware.bench_cuda_attention(s, r)),
     ]
     return jobs

@@ -597,14 +597,14 @@ def decode_image(path: Path, min_side: int | None = None) -> np.ndarray:
         return to_rgb_uint8(image)  # (H, W, 3)
 
 
-def load_image(path: Path, resolution: int, policy: ResizePolicy, *, min_side: int | None = -1) -> np.ndarray:
+def load_image(path: Path, resolution: int, policy: ResizePolicy, *, min_side: int | None = None,
+               draft: bool = True) -> np.ndarray:
     """Decode one file -> the policy's stored form (see :func:`fit_image`); raises on any problem.
 
-    ``min_side`` is the reduced-decoding target of :func:`decode_image` (default: R, what every policy's
-    centre view needs; None decodes at full size).
+    With ``draft`` a JPEG is decoded at a reduced size whose shorter side stays >= ``min_side`` (default
+    R, what every policy's centre view needs; see :func:`decode_side`); without it, at full size.
     """
-    side = resolution if min_side == -1 else min_side
-    return fit_image(decode_image(path, side), resolution, policy)
+    return fit_image(decode_image(path, (min_side or resolution) if draft else None), resolution, policy)
 
 
 # ============================================================================ the folder index
@@ -951,8 +951,8 @@ class ImageDataset(Dataset):
     def _decode(self, i: int) -> np.ndarray:
         """Source image ``i`` in the policy's stored form (whole image for random_resized_crop)."""
         assert self.source.paths is not None
-        side = self.decode_side if self.draft else None
-        return load_image(self.source.paths[i], self.resolution, self.policy, min_side=side)
+        return load_image(self.source.paths[i], self.resolution, self.policy, min_side=self.decode_side,
+                          draft=self.draft)
 
     def _stored(self, pos: int) -> tuple[int, np.ndarray]:
         """(source index, stored pixels) of split position ``pos``, substituting images that fail."""
