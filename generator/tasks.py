@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import Dataset
@@ -55,15 +56,64 @@ def load_prior(path: str | Path, device: str | torch.device = "cpu") -> Prior:
 
 
 # ============================================================================ data
+IdArray = Any  # an (N, b) integer torch tensor, or an array-like of rows (generator.shards.ShardedArray, numpy)
+
+
+def _rows(v: IdArray, index: Any) -> torch.Tensor:
+    """Rows of an id array as a tensor (mapped arrays read just those rows)."""
+    out = v[index]
+    return out if torch.is_tensor(out) else torch.as_tensor(np.asarray(out))
+
+
+def _select(v: IdArray, images: torch.Tensor) -> IdArray:
+    """The rows ``images`` of an id array: a lazy view of a mapped array, a copy of an in-memory one."""
+    if torch.is_tensor(v):
+        return v[images]
+    return v.select(images) if hasattr(v, "select") else v[images.numpy()]
+
+
+def _is_integer(v: IdArray) -> bool:
+    dtype = v.dtype
+    if isinstance(dtype, torch.dtype):
+        return not (dtype.is_floating_point or dtype.is_complex)
+    return bool(np.issubdtype(np.dtype(dtype), np.integer))
+
+
+def _chunks(v: IdArray, max_elements: int = 1 << 22) -> Iterator[torch.Tensor]:
+    """An id array in blocks of rows: a tensor whole, an array-like (mapped) a few MB at a time."""
+    if torch.is_tensor(v):
+        yield v
+        return
+    row = max(1, math.prod(tuple(v.shape)[1:]))
+    step = max(1, max_elements // row)
+    for start in range(0, len(v), step):
+        yield _rows(v, slice(start, start + step))
+
+
+def _min_max(v: IdArray) -> tuple[int, int] | None:
+    """Smallest and largest id (None when empty), with no int64 copy of a mapped array."""
+    if hasattr(v, "min_max"):
+        return v.min_max()
+    lo = hi = None
+    for chunk in _chunks(v):
+        if chunk.numel():
+            lo = int(chunk.min()) if lo is None else min(lo, int(chunk.min()))
+            hi = int(chunk.max()) if hi is None else max(hi, int(chunk.max()))
+    return None if lo is None else (lo, hi)
+
+
 class TokenDataset(Dataset):
     """Code ids of N images at several budgets; one item per (image, budget) (see the module docstring).
 
     Items are ``(ids (max_budget,) int64 padded with PAD, length () int64, label () int64)``; labels are
-    ``NO_LABEL`` when none are given. Ids are stored in int16 when they fit (the ImageNet token cache at
-    eight budgets is then ~3 GB instead of ~12 GB).
+    ``NO_LABEL`` when none are given. Ids in tensors are stored in int16 when they fit (the ImageNet token
+    cache at eight budgets is then ~3 GB instead of ~12 GB). Ids may also be memory-mapped arrays
+    (:class:`generator.shards.ShardedArray`, e.g. from :func:`generator.shards.open_token_cache`): they are
+    kept as they are, never copied, and each item reads its one row; :meth:`subset` and :meth:`split` of
+    such a dataset are views holding an index of image rows.
     """
 
-    def __init__(self, ids_by_budget: dict[int, torch.Tensor], labels: torch.Tensor | None = None) -> None:
+    def __init__(self, ids_by_budget: dict[int, IdArray], labels: torch.Tensor | None = None) -> None:
         if not ids_by_budget:
             raise ValueError("ids_by_budget is empty: pass {budget: LongTensor (N, budget)}")
         self.budgets = sorted(int(b) for b in ids_by_budget)
@@ -73,17 +123,20 @@ class TokenDataset(Dataset):
         (self.num_images,) = sizes
         hi = 0
         for b, v in ids_by_budget.items():
-            if v.ndim != 2 or v.shape[1] != b or v.is_floating_point():
+            if len(v.shape) != 2 or v.shape[1] != b or not _is_integer(v):
                 raise ValueError(f"ids_by_budget[{b}] must be an integer tensor (N, {b}), got {v.dtype} "
                                  f"{tuple(v.shape)}")
-            if v.numel():
-                if int(v.min()) < 0:
+            bounds = _min_max(v)
+            if bounds is not None:
+                if bounds[0] < 0:
                     raise ValueError(f"ids_by_budget[{b}] holds negative ids; code ids are >= 0")
-                hi = max(hi, int(v.max()))
+                hi = max(hi, bounds[1])
         dtype = torch.int16 if hi < 2**15 else torch.int32
-        self.ids = {int(b): v.to(dtype).contiguous() for b, v in ids_by_budget.items()}
+        self.ids = {int(b): v.to(dtype).contiguous() if torch.is_tensor(v) else v for b, v in ids_by_budget.items()}
         if labels is None:
             labels = torch.full((self.num_images,), NO_LABEL, dtype=torch.long)
+        if not torch.is_tensor(labels):
+            labels = _rows(labels, slice(None))
         if labels.shape != (self.num_images,):
             raise ValueError(f"labels must have shape ({self.num_images},), got {tuple(labels.shape)}")
         self.labels = labels.long()
@@ -95,12 +148,13 @@ class TokenDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         image, b = index % self.num_images, self.budgets[index // self.num_images]
         ids = torch.full((self.max_len,), PAD_ID, dtype=torch.long)
-        ids[:b] = self.ids[b][image]
+        ids[:b] = _rows(self.ids[b], image)
         return ids, torch.tensor(b), self.labels[image]
 
     def subset(self, images: torch.Tensor) -> TokenDataset:
-        """The dataset of the given image indices (all budgets)."""
-        return TokenDataset({b: v[images] for b, v in self.ids.items()}, self.labels[images])
+        """The dataset of the given image indices (all budgets); of a mapped dataset, a view (no ids copied)."""
+        images = torch.as_tensor(images)
+        return TokenDataset({b: _select(v, images) for b, v in self.ids.items()}, self.labels[images])
 
     def split(self, num_val: int, seed: int = 0) -> tuple[TokenDataset, TokenDataset]:
         """``(train, val)`` by image (an image's budgets never straddle the split), seeded."""
@@ -113,7 +167,7 @@ class TokenDataset(Dataset):
         """Unpadded batches ``(budget, TokenBatch)`` in a fixed order: budget by budget, images in order."""
         for b in self.budgets:
             for start in range(0, self.num_images, batch_size):
-                ids = self.ids[b][start: start + batch_size].long()  # (B, b)
+                ids = _rows(self.ids[b], slice(start, start + batch_size)).long()  # (B, b)
                 yield b, TokenBatch(ids, torch.full((len(ids),), b), self.labels[start: start + batch_size])
 
 
@@ -128,27 +182,33 @@ def collate_tokens(items: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
 # ============================================================================ baseline
-def unigram_bits_per_token(train_ids: torch.Tensor | Iterable[torch.Tensor],
-                           val_ids: torch.Tensor | Iterable[torch.Tensor], codebook_size: int) -> float:
+def unigram_bits_per_token(train_ids: IdArray | Iterable[IdArray], val_ids: IdArray | Iterable[IdArray],
+                           codebook_size: int) -> float:
     """Bits per validation token under add-one smoothed code frequencies of the training tokens.
 
-    Ids may be tensors of any shape or iterables of them (e.g. ``ids_by_budget.values()``); negative
-    ids (PAD) are ignored.
+    Ids may be tensors of any shape, mapped id arrays, or iterables of them (e.g. ``ids_by_budget.values()``);
+    negative ids (PAD) are ignored. Tokens are counted block by block: a mapped cache is never copied whole.
     """
-    def flat(x: torch.Tensor | Iterable[torch.Tensor]) -> torch.Tensor:
-        t = x.reshape(-1) if torch.is_tensor(x) else torch.cat([v.reshape(-1) for v in x])
-        t = t.long()
-        t = t[t >= 0]
-        if t.numel() and int(t.max()) >= codebook_size:
-            raise ValueError(f"an id ({int(t.max())}) is >= codebook_size={codebook_size}")
-        return t
+    def counts(x: IdArray | Iterable[IdArray]) -> torch.Tensor:
+        total = torch.zeros(codebook_size, dtype=torch.long)
+        arrays = [x] if torch.is_tensor(x) or hasattr(x, "shape") else list(x)
+        for a in arrays:
+            for chunk in _chunks(a):
+                t = chunk.reshape(-1)
+                t = t[t >= 0]
+                if not t.numel():
+                    continue
+                if int(t.max()) >= codebook_size:
+                    raise ValueError(f"an id ({int(t.max())}) is >= codebook_size={codebook_size}")
+                total += torch.bincount(t.long(), minlength=codebook_size)
+        return total
 
-    counts = torch.bincount(flat(train_ids), minlength=codebook_size).double() + 1  # add-one
-    logp = (counts / counts.sum()).log2()
-    val = flat(val_ids)
-    if not val.numel():
+    train = counts(train_ids).double() + 1  # add-one
+    logp = (train / train.sum()).log2()
+    val = counts(val_ids)
+    if not int(val.sum()):
         raise ValueError("val_ids holds no tokens")
-    return float(-logp[val].mean())
+    return float(-(val.double() * logp).sum() / val.sum())
 
 
 # ============================================================================ the task

@@ -20,7 +20,8 @@ from tokenizer.core.config import check_choice, check_overrides
 from tokenizer.core.paths import runs_dir
 from tokenizer.core.trainer import TrainConfig, Trainer
 
-from .cache import check_identity, load_token_cache, write_identity
+from .cache import check_identity, write_identity
+from .shards import open_token_cache
 from .tasks import PRIORS, SIZES, PriorTask, TokenDataset, build_prior, collate_tokens, unigram_bits_per_token
 
 CACHE_FIELDS = ("codebook_size", "tokens_per_iter", "num_budgets")  # prior fields read from the token cache
@@ -79,8 +80,8 @@ class PriorResult:
 
 def train_prior(cfg: PriorRunConfig) -> PriorResult:
     """Train (or resume) a prior on a token cache; writes ``final/`` with the tokenizer identity."""
-    train_cache = load_token_cache(cfg.tokens, "train")
-    val_cache = load_token_cache(cfg.tokens, "val")
+    train_cache = open_token_cache(cfg.tokens, "train")  # ids memory-mapped: no copy of the cache per rank
+    val_cache = open_token_cache(cfg.tokens, "val")
     if cfg.tokenizer:
         check_identity(train_cache.identity, tokenizer_identity(cfg.tokenizer), f"token cache {cfg.tokens}")
     num_classes = train_cache.num_classes if cfg.conditional else 0
