@@ -1,11 +1,14 @@
 """The one launcher: any ``module:function`` as a Slurm job (or a local/debug one) through submitit.
 
-Every job runs a :class:`JobSpec` inside a :class:`ResumableJob`. On preemption or at the time limit
-Slurm sends USR2; submitit then calls :meth:`ResumableJob.checkpoint`, which requeues the same job,
-and the function picks up where it stopped from its run directory (the Trainer resumes from
-``run_dir/checkpoints/latest`` by itself). A function that catches the signal itself (the Trainer
-stops at the next step boundary and checkpoints) raises :class:`Preempted` afterwards, and the job is
-requeued the same way.
+Every job runs a :class:`JobSpec` inside a :class:`ResumableJob`. Before the time limit (and on a
+preemption configured to send the user signal) Slurm sends USR2; submitit then calls
+:meth:`ResumableJob.checkpoint`, which requeues the same job, and the function picks up where it stopped
+from its run directory (the Trainer resumes from ``run_dir/checkpoints/latest`` by itself). A function
+that catches the signal itself (the Trainer stops at the next step boundary and checkpoints on SIGTERM,
+SIGUSR2 and SIGINT) raises :class:`Preempted` naming the signal, and :func:`stop_action` decides what
+the job does next: SIGUSR2 requeues; a user's ``scancel`` (SIGTERM, the job marked CANCELLED) and SIGINT
+stop without a requeue (run the same command again to resume); a SIGTERM from Slurm's own preemption
+or time limit requeues (the controller is asked which it was; see "what a stopping signal means").
 
 Usage::
 
@@ -161,10 +164,21 @@ class ResumableJob(submitit.helpers.Checkpointable):
         handler = signal.getsignal(_preempt_signal())
         try:
             return fn(**self.spec.kwargs)
-        except Preempted:
-            if not isinstance(getattr(handler, "__self__", None), SignalHandler):
+        except Preempted as stopped:
+            if env is None or not isinstance(getattr(handler, "__self__", None), SignalHandler):
                 raise  # not inside a submitit job: nothing to requeue
-            print(f"[launcher] {self.spec.target} stopped early for preemption: requeueing",
+            # the run has checkpointed before raising: nothing is lost whatever is decided (or however long
+            # the controller takes to answer) from here on
+            decision = stop_action(stopped.signal, str(env.job_id) if env.cluster == "slurm" else None)
+            if decision.action == STOP:
+                print(f"[launcher] {self.spec.target} stopped by {stopped.signal or 'a call'}: {decision.reason}; "
+                      "not requeued (run the same command again to resume)", file=sys.stderr, flush=True)
+                raise Preempted(f"{stopped}; not requeued: {decision.reason}", stopped.signal) from None
+            if decision.action == CONTROLLER_REQUEUES:
+                print(f"[launcher] {self.spec.target} stopped by {stopped.signal}: {decision.reason}; the "
+                      "controller restarts the job itself: exiting without a result", file=sys.stderr, flush=True)
+                sys.exit(-1)  # like submitit after its own requeue: no result file, so the next attempt runs
+            print(f"[launcher] {self.spec.target} stopped early for preemption: requeueing ({decision.reason})",
                   file=sys.stderr, flush=True)
             handler(_preempt_signal(), None)  # task 0: checkpoint() + `scontrol requeue`, then exits
             return None  # other tasks: the requeue ends them
@@ -178,6 +192,122 @@ class ResumableJob(submitit.helpers.Checkpointable):
 
 def _preempt_signal() -> signal.Signals:
     return getattr(signal, "SIG" + submitit.JobEnvironment.USR_SIG)
+
+
+# ============================================================================ what a stopping signal means
+# The Trainer treats SIGTERM, SIGUSR2 and SIGINT alike (checkpoint at the next step boundary, raise
+# Preempted naming the signal); what the JOB does next depends on who sent the signal:
+#
+#   SIGUSR2  Slurm's warning before the time limit (`--signal=USR2@signal_delay_s`, which submitit sets on
+#            every job) or a preemption configured to send the user signal (PreemptParameters=
+#            send_user_signal): requeue. This is submitit's own rule: JobEnvironment._handle_signals binds
+#            USR2 to SignalHandler.checkpoint_and_try_requeue and SIGTERM to SignalHandler.bypass (logged,
+#            ignored), i.e. submitit never requeues on SIGTERM.
+#   SIGTERM  first of all a user's `scancel`: the controller marks the job CANCELLED, then sends SIGCONT +
+#            SIGTERM to every task and SIGKILL KillWait seconds later. Stop, no requeue: `scontrol requeue`
+#            of a cancelled job succeeds (checked on Slurm 22.05) and would bring back a job its user
+#            cancelled. But Slurm also sends SIGTERM when it preempts a job without send_user_signal
+#            (PreemptMode=CANCEL or REQUEUE, at once or after GraceTime) and at the time limit itself (when
+#            USR2 did not come first), and a signal alone cannot tell these apart: so the controller is
+#            asked (slurm_job_view) and the job requeues only for a preemption or a time limit it can name.
+#   SIGINT   Ctrl-C of an interactive run (srun forwards it): stop.
+#   None     Trainer.request_stop() called by code: stop.
+#
+# Asking the controller: while a cancelled job's tasks are being signalled, squeue and scontrol show it as
+# COMPLETING (the flag hides the base state), but accounting (sacct) already has "CANCELLED by <uid>";
+# a preempted job is PREEMPTED there (PreemptMode=CANCEL) or REQUEUED/PENDING (PreemptMode=REQUEUE: the
+# controller requeues it itself, so the job must not requeue a second time), a job at its time limit is
+# TIMEOUT, and scontrol shows a PreemptTime during a preemption's GraceTime. The safe default, when the
+# answer is anything else or no answer comes (no accounting, a busy controller): stop without a requeue. A
+# missed requeue costs a resubmission of the same command, which resumes from the checkpoint; a wrong one
+# resurrects a job its user cancelled and spends their allocation. Even a USR2 is checked, for one case:
+# a job cancelled after USR2 arrived (the Trainer keeps the first signal) must not requeue either.
+# The cancel case is checked on the dev cluster (tests/test_slurm_signals.py); the preemption and
+# time-limit answers follow Slurm's documentation (the dev cluster has no preemption configured), and are
+# tested against those answers only. Since only the first signal counts, a SIGTERM followed by USR2 within
+# one step (submitit's `job._interrupt()` without timeout=True) stops; preemption meant to requeue should
+# send the user signal (PreemptParameters=send_user_signal) or use PreemptMode=REQUEUE.
+REQUEUE, STOP, CONTROLLER_REQUEUES = "requeue", "stop", "controller-requeues"
+CONTROLLER_QUERY_TIMEOUT_S = 5.0  # per command; the checkpoint is already written, so a slow answer loses nothing
+_REQUEUED_STATES = frozenset({"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"})
+_NO_PREEMPT_TIME = frozenset({"", "None", "Unknown", "N/A", "0"})
+
+
+@dataclass(frozen=True)
+class SlurmJobView:
+    """What the controller says of a job: its accounting state (``sacct``: the base state, e.g. CANCELLED
+    while the tasks are still being signalled), its controller state (``scontrol``: e.g. COMPLETING) and
+    whether a preemption is under way (a PreemptTime). None = not known (the command failed)."""
+
+    accounting_state: str | None = None
+    controller_state: str | None = None
+    preempt_time: str | None = None
+
+
+@dataclass(frozen=True)
+class StopDecision:
+    """What a job whose run stopped on a signal does next (:data:`REQUEUE`, :data:`STOP` or
+    :data:`CONTROLLER_REQUEUES`) and why, in words for its log."""
+
+    action: str
+    reason: str
+
+
+def _query(cmd: list[str]) -> str | None:
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=CONTROLLER_QUERY_TIMEOUT_S,
+                              stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return proc.stdout if proc.returncode == 0 else None
+
+
+def slurm_job_view(job_id: str) -> SlurmJobView:
+    """Ask ``sacct`` and ``scontrol`` about ``job_id`` (``123`` or an array task ``123_4``); fields that
+    cannot be had are None."""
+    accounting = None
+    out = _query(["sacct", "--noheader", "--allocations", "--parsable2", "--jobs", job_id, "--format", "State"])
+    lines = [line.strip() for line in (out or "").splitlines() if line.strip()]
+    if lines:  # "CANCELLED by 1000" -> "CANCELLED"; the last line is the latest attempt
+        accounting = lines[-1].split()[0].rstrip("+")
+    controller = preempt = None
+    out = _query(["scontrol", "show", "job", "--oneliner", job_id])
+    if out:
+        fields = dict(word.split("=", 1) for word in out.split() if "=" in word)
+        controller = fields.get("JobState")
+        preempt = fields.get("PreemptTime")
+        preempt = None if preempt in _NO_PREEMPT_TIME else preempt
+    return SlurmJobView(accounting, controller, preempt)
+
+
+def stop_action(signal_name: str | None, job_id: str | None,
+                view: Callable[[str], SlurmJobView] = slurm_job_view) -> StopDecision:
+    """What a job does after its run stopped and checkpointed on ``signal_name`` ("SIGUSR2", "SIGTERM",
+    "SIGINT"; None = a call). ``job_id`` is the Slurm job (None: not a Slurm job, e.g. the local executor,
+    where no controller can be asked); ``view`` asks the controller about it (see the block comment above)."""
+    preempt_signal = _preempt_signal().name
+    if signal_name not in (preempt_signal, "SIGTERM"):
+        return StopDecision(STOP, "SIGINT (interactive stop)" if signal_name == "SIGINT" else
+                            f"{signal_name or 'a stop requested by code'}: not a preemption or time-limit signal")
+    if job_id is None:
+        if signal_name == preempt_signal:
+            return StopDecision(REQUEUE, f"{signal_name} (the time limit is near or the job is preempted)")
+        return StopDecision(STOP, "SIGTERM outside a Slurm job (e.g. kill): stopped, no requeue")
+    job = view(job_id)
+    if job.accounting_state == "CANCELLED":
+        return StopDecision(STOP, f"job {job_id} was cancelled (scancel)")
+    if signal_name == preempt_signal:
+        return StopDecision(REQUEUE, f"{signal_name} (the time limit is near or the job is preempted)")
+    if job.accounting_state in _REQUEUED_STATES or job.controller_state in _REQUEUED_STATES:
+        return StopDecision(CONTROLLER_REQUEUES, f"SIGTERM: the controller requeued job {job_id} "
+                                                 "(PreemptMode=REQUEUE or scontrol requeue)")
+    if job.accounting_state == "PREEMPTED" or job.preempt_time is not None:
+        return StopDecision(REQUEUE, f"SIGTERM: Slurm preempted job {job_id}")
+    if job.accounting_state == "TIMEOUT":
+        return StopDecision(REQUEUE, f"SIGTERM: job {job_id} reached its time limit")
+    state = job.accounting_state or job.controller_state or "unknown (the controller did not answer)"
+    return StopDecision(STOP, f"SIGTERM while job {job_id} is {state}: not a cancel, preemption or time "
+                              "limit the controller names, so no requeue (the safe default)")
 
 
 def _job_environment() -> submitit.JobEnvironment | None:

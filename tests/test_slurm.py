@@ -93,8 +93,8 @@ def count_steps(state_file: str, total: int, step_s: float, own_handler: bool) -
     finally:
         if own_handler:
             signal.signal(signal.SIGUSR2, old)
-    if stop:
-        raise Preempted(f"stopped at step {state['step']} of {total}")
+    if stop:  # like the Trainer, name the signal: the launcher requeues on USR2 only
+        raise Preempted(f"stopped at step {state['step']} of {total}", signal.Signals(stop[0]).name)
     return state
 
 
