@@ -48,7 +48,7 @@ from tokenizer.core.config import ConfigError, read_yaml_file, to_dict
 from tokenizer.core.io import atomic_write_text
 from tokenizer.core.paths import runs_dir
 
-from .jobs import TRAINERS, load_run_config, read_result, training_spec
+from .jobs import TRAINERS, check_job_cpus, load_run_config, read_result, training_spec
 from .launcher import (
     CLUSTERS,
     Cluster,
@@ -537,6 +537,7 @@ def submit_sweep(sweep: SweepConfig, *, cluster: Cluster = "slurm", slurm: Slurm
     points = plan(sweep, sweep_dir)
     for p in points:
         check_same_config(p)
+        check_job_cpus(p.config, slurm, cluster, point=p.name)  # before anything is submitted
     state = read_state(sweep_dir) or {}
     old_jobs: dict[str, Any] = state.get("jobs", {})
     reused = [p.name for p in points if read_result(p.run_dir) is not None]

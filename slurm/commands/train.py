@@ -57,6 +57,9 @@ def run(args: argparse.Namespace) -> int:
 
         cfg.run_dir = str(cfg.resolved_run_dir().absolute())  # the job may start in another directory
         return run_on_cluster(args, args.target, cfg, slurm_overrides)
+    from ..jobs import check_allocation_cpus
+
+    check_allocation_cpus(cfg)  # inside a Slurm allocation (srun/sbatch): enough CPUs for the data workers
     result = train(cfg)
     print(f"[train] finished at step {result.step}; run directory: {result.run_dir}")
     if args.target == "prior":
