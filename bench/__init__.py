@@ -101,6 +101,7 @@ def _jobs(settings: Settings, flops: list[dict[str, Any]],
     for shape in SHAPES:
         jobs += [
             ("encode", f"encode {shape}", lambda r, sh=shape: tokenizer_bench.bench_encode(s, r, sh)),
+            ("encode", f"tokenize one pass {shape}", lambda r, sh=shape: tokenizer_bench.bench_one_pass(s, r, sh)),
             ("finetune", f"finetune {shape}", lambda r, sh=shape: tokenizer_bench.bench_finetune(s, r, sh)),
             ("tokenizer_step", f"tokenizer step {shape}",
              lambda r, sh=shape: tokenizer_bench.bench_tokenizer_step(s, r, sh, flops, refs)),

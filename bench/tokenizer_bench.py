@@ -126,6 +126,36 @@ def bench_encode(settings: Settings, report: Report, shape: str) -> None:
                  "early-exit and all-iterations ids DIFFER")
 
 
+def bench_one_pass(settings: Settings, report: Report, shape: str, threshold: float = 0.07) -> None:
+    """Tokenizing a batch for the token cache: one pass (:meth:`ALITTokenizer.encode_budgets`: the ids of
+    every budget and the adaptive choice) vs what the cache did before (``encode`` per budget, then
+    ``encode_adaptive``); the ids must be identical (a failed check fails the bench)."""
+    dev = settings.torch_device
+    tok = build_tokenizer(shape, dev, settings.seed)
+    batch = settings.pick(16 if shape == "small_cpu" else 2, 2 if shape == "small_cpu" else 1)
+    images = emoji_images(batch, dev, tok.image_size, settings.seed)
+
+    def per_budget() -> tuple[dict[int, Tensor], Tensor, Tensor]:
+        return ({b: tok.encode(images, b) for b in tok.budgets}, *tok.encode_adaptive(images, threshold))
+
+    tim = compare({"one_pass": lambda: tok.encode_budgets(images, threshold), "per_budget": per_budget}, settings)
+    one, (ids, adaptive, lengths) = tim["one_pass"].result, tim["per_budget"].result
+    same = all(torch.equal(one.ids[b], ids[b]) for b in tok.budgets) and torch.equal(one.adaptive_ids, adaptive) \
+        and torch.equal(one.adaptive_lengths, lengths)
+    n = len(tok.budgets)
+    r = ratio(tim["per_budget"], tim["one_pass"])
+    report.add(f"encode.one_pass.{shape}", r, "x", GROUP_ENCODE,
+               f"token cache batch, {n} budgets + adaptive: one pass vs per-budget encode + encode_adaptive",
+               note=f"{n} vs {n * (n + 1) // 2} + up to {n} encoder iterations", batch=batch,
+               one_pass=tim["one_pass"].to_json(), per_budget=tim["per_budget"].to_json())
+    report.table(f"tokenize one pass ({shape}, batch {batch}, {n} budgets)",
+                 ["one pass ms", "per budget ms", "speed-up"],
+                 [[1e3 * tim["one_pass"].median, 1e3 * tim["per_budget"].median, r]])
+    report.check(f"encode.one_pass.{shape}.same_ids", same,
+                 "one-pass ids equal per-budget encode and encode_adaptive" if same else
+                 "one-pass and per-budget ids DIFFER")
+
+
 def bench_finetune(settings: Settings, report: Report, shape: str) -> None:
     """A finetune step supervising iteration t: t+1 encoder iterations (project) vs all (public)."""
     dev = settings.torch_device

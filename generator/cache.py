@@ -3,6 +3,7 @@
 Layout of a cache directory::
 
     manifest.json                  format, tokenizer identity, data config, budgets, splits and shards
+    request.json                   the inputs (written first; every shard task checks it)
     <split>-<i:05d>.safetensors    one shard: ids_<budget> (n, budget) for every budget, labels (n,),
                                    adaptive_ids (n, max_budget) padded with -1 and adaptive_lengths (n,)
                                    when an adaptive threshold was given; int16 ids when K <= 32768
@@ -11,7 +12,9 @@ The **tokenizer identity** (:func:`tokenizer.core.checkpoint.tokenizer_identity`
 tokenizer's config and weight files) is recorded in the manifest and in every prior exported from the
 cache (``tokenizer_identity.json``), so a prior is never paired with another tokenizer silently:
 :func:`check_identity` refuses a mismatch with a clear error.
-Shards are written atomically and a finished cache is reused by a re-run with the same inputs.
+Shards are written atomically, one encoder pass per batch gives every budget, shards can be encoded by
+separate processes (``alit tokenize --shard i/n``, or a job array with ``--cluster``), and a finished
+cache (or shard file) is reused by a re-run with the same inputs.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.data import DataLoader, Subset
 
 from tokenizer.core.checkpoint import load_tensors, save_tensors, tokenizer_identity
 from tokenizer.core.config import to_dict
@@ -137,58 +141,138 @@ def load_token_cache(cache_dir: str | Path, split: str) -> TokenCache:
     return TokenCache(ids, cat["labels"], cat.get("adaptive_ids"), cat.get("adaptive_lengths"), manifest)
 
 
+REQUEST = "request.json"  # what the cache is being built from: written first, checked by every shard
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One shard file of a cache: images ``[start, stop)`` of ``split``, the work of one array task or less."""
+
+    split: str
+    index: int
+    start: int
+    stop: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.split}-{self.index:05d}.safetensors"
+
+
+def plan_units(sizes: dict[str, int], shard_size: int) -> list[Unit]:
+    """Every shard file of the cache, split by split (the order ``--shard i/n`` deals them out in)."""
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    return [Unit(split, s, start, min(start + shard_size, n))
+            for split, n in sizes.items() for s, start in enumerate(range(0, n, shard_size))]
+
+
+def _check_out(out: Path, request: dict[str, Any]) -> bool:
+    """Whether ``out`` holds a finished cache of ``request``; refuses a cache (finished or not) of other
+    inputs and a non-empty directory that is not a token cache, so nothing foreign is mixed or overwritten."""
+    if (out / MANIFEST).is_file():
+        old = read_manifest(out)
+        if old.get("request") == request:
+            return True
+        raise FileExistsError(f"{out} holds a token cache made from other inputs (tokenizer "
+                              f"{old['tokenizer']['id'][:12]}); choose another output directory or delete it")
+    if (out / REQUEST).is_file():
+        try:
+            old_request = json.loads((out / REQUEST).read_text())
+        except ValueError:
+            old_request = None
+        if old_request != request:
+            raise FileExistsError(f"{out} holds an unfinished token cache made from other inputs ({REQUEST} "
+                                  "differs); finish it with its own inputs, choose another output directory or "
+                                  "delete it")
+    elif out.is_dir() and any(out.iterdir()):
+        raise NotATokenCache(f"{out} is not empty and holds no token cache ({MANIFEST} or {REQUEST}); choose "
+                             "another --out (nothing there was changed)")
+    return False
+
+
+def prepare_token_cache(tokenizer_dir: str | Path, data: DataConfig, out_dir: str | Path,
+                        splits: tuple[str, ...] = ("train", "val"), adaptive_threshold: float | None = None,
+                        shard_size: int = 8192) -> tuple[dict[str, str], dict[str, Any]]:
+    """Check ``out_dir`` against these inputs and record them in its ``request.json`` (a submitter calls it
+    before queueing jobs, so bad input fails first); ``(tokenizer identity, request)``."""
+    out = Path(out_dir)
+    identity = tokenizer_identity(tokenizer_dir)
+    request = {"tokenizer": identity["id"], "data": to_dict(data), "splits": list(splits),
+               "adaptive_threshold": adaptive_threshold, "shard_size": shard_size}
+    if not _check_out(out, request):
+        out.mkdir(parents=True, exist_ok=True)
+        if not (out / REQUEST).is_file():
+            atomic_write_text(out / REQUEST, json.dumps(request, indent=1))
+    return identity, request
+
+
 def build_token_cache(tokenizer_dir: str | Path, data: DataConfig, out_dir: str | Path,
                       splits: tuple[str, ...] = ("train", "val"), adaptive_threshold: float | None = None,
                       batch_size: int = 64, shard_size: int = 8192, device: str | torch.device = "cpu",
-                      progress: bool = True) -> Path:
-    """Encode ``splits`` of ``data`` with the tokenizer at every budget (and adaptively); returns ``out_dir``.
+                      progress: bool = True, shard: tuple[int, int] | None = None, num_workers: int = 0,
+                      encode_missing: bool = True) -> Path | None:
+    """Encode ``splits`` of ``data`` with the tokenizer at every budget (and adaptively) into ``out_dir``.
 
-    A finished cache with the same tokenizer, data and threshold is reused as it is.
+    Each batch takes **one** encoder pass (:meth:`~tokenizer.alit.ALITTokenizer.encode_budgets`) for the ids
+    of every budget and the adaptive choice, images read by a DataLoader with ``num_workers`` workers.
+    ``shard=(i, n)`` encodes only the shard files ``i, i + n, ...`` of :func:`plan_units` (one task of a job
+    array); a shard file already written is reused, so a requeued or re-submitted tokenization continues.
+    The run that finds every shard file present writes the manifest and returns ``out_dir``; a run that
+    leaves some to other shards returns None. ``encode_missing=False`` (the merge job) only checks and
+    writes the manifest. A finished cache with the same tokenizer, data, threshold and shard size is
+    reused as it is. The files are the same bytes whatever the sharding.
     """
     from tqdm.auto import tqdm
 
     from tokenizer.alit import ALITTokenizer
 
     out = Path(out_dir)
-    identity = tokenizer_identity(tokenizer_dir)
-    request = {"tokenizer": identity["id"], "data": to_dict(data), "splits": list(splits),
-               "adaptive_threshold": adaptive_threshold}
+    index, count = shard if shard is not None else (0, 1)
+    if not 0 <= index < count:
+        raise ValueError(f"shard {index}/{count} is out of range: use i/n with 0 <= i < n")
+    identity, request = prepare_token_cache(tokenizer_dir, data, out, splits, adaptive_threshold, shard_size)
     if (out / MANIFEST).is_file():
-        old = read_manifest(out)
-        if old.get("request") == request:
-            print(f"[tokenize] {out} is up to date (same tokenizer, data and threshold): reused", file=sys.stderr)
-            return out
-        raise FileExistsError(f"{out} holds a token cache made from other inputs (tokenizer "
-                              f"{old['tokenizer']['id'][:12]}); choose another output directory or delete it")
-    out.mkdir(parents=True, exist_ok=True)
-    tok = ALITTokenizer.from_pretrained(tokenizer_dir, map_location=device).eval()
-    id_dtype = torch.int16 if tok.codebook_size <= 32768 else torch.int32
+        print(f"[tokenize] {out} is up to date (same tokenizer, data and threshold): reused", file=sys.stderr)
+        return out
     source = scan_source(data)
-    split_info: dict[str, Any] = {}
-    for split in splits:
-        ds = build_dataset(data, split, source=source)
-        shards: list[str] = []
-        bar = tqdm(total=len(ds), desc=f"tokenize {split}", disable=not progress, file=sys.stderr)
-        for s, start in enumerate(range(0, len(ds), shard_size)):
-            stop = min(start + shard_size, len(ds))
-            chunks: dict[str, list[torch.Tensor]] = {}
-            for b0 in range(start, stop, batch_size):
-                items = [ds[i] for i in range(b0, min(b0 + batch_size, stop))]
-                images = torch.stack([x for x, _ in items]).to(device)  # (b, 3, R, R)
-                chunks.setdefault("labels", []).append(torch.tensor([y for _, y in items], dtype=torch.int64))
-                for budget in tok.budgets:
-                    chunks.setdefault(f"ids_{budget}", []).append(tok.encode(images, budget).to(id_dtype).cpu())
-                if adaptive_threshold is not None:
-                    ids, lengths = tok.encode_adaptive(images, adaptive_threshold)
-                    chunks.setdefault("adaptive_ids", []).append(ids.to(id_dtype).cpu())
-                    chunks.setdefault("adaptive_lengths", []).append(lengths.cpu())
-                bar.update(len(items))
-            name = f"{split}-{s:05d}.safetensors"
-            with atomic_path(out / name) as tmp:
-                save_tensors(tmp, {k: torch.cat(v) for k, v in chunks.items()})
-            shards.append(name)
-        bar.close()
-        split_info[split] = {"n": len(ds), "shards": shards}
+    datasets = {split: build_dataset(data, split, source=source) for split in splits}
+    units = plan_units({split: len(ds) for split, ds in datasets.items()}, shard_size)
+    mine = [u for k, u in enumerate(units) if k % count == index and not (out / u.name).is_file()]
+    if mine and not encode_missing:
+        raise NotATokenCache(f"{len(mine)} of the {len(units)} shard files of {out} are missing (first: "
+                             f"{mine[0].name}): a tokenization task failed; resubmit it (written shards are reused)")
+    tok = None
+    if mine:
+        tok = ALITTokenizer.from_pretrained(tokenizer_dir, map_location=device).eval()
+        id_dtype = torch.int16 if tok.codebook_size <= 32768 else torch.int32
+    bar = tqdm(total=sum(u.stop - u.start for u in mine), desc="tokenize", disable=not progress or not mine,
+               file=sys.stderr)
+    for unit in mine:
+        assert tok is not None
+        loader = DataLoader(Subset(datasets[unit.split], range(unit.start, unit.stop)), batch_size=batch_size,
+                            num_workers=num_workers, pin_memory=torch.device(device).type == "cuda")
+        chunks: dict[str, list[torch.Tensor]] = {}
+        for images, labels in loader:
+            codes = tok.encode_budgets(images.to(device), adaptive_threshold)
+            chunks.setdefault("labels", []).append(labels.to(torch.int64))
+            for budget in tok.budgets:
+                chunks.setdefault(f"ids_{budget}", []).append(codes.ids[budget].to(id_dtype).cpu())
+            if codes.adaptive_ids is not None:
+                chunks.setdefault("adaptive_ids", []).append(codes.adaptive_ids.to(id_dtype).cpu())
+                chunks.setdefault("adaptive_lengths", []).append(codes.adaptive_lengths.cpu())
+            bar.update(len(images))
+        with atomic_path(out / unit.name) as tmp:
+            save_tensors(tmp, {k: torch.cat(v) for k, v in chunks.items()})
+    bar.close()
+    missing = [u.name for u in units if not (out / u.name).is_file()]
+    if missing:
+        print(f"[tokenize] shard {index}/{count} done; {len(units) - len(missing)} of {len(units)} shard files "
+              f"written; the run that completes the set writes {MANIFEST}", file=sys.stderr)
+        return None
+    if tok is None:  # every shard was written elsewhere: the cache's facts come from the saved tokenizer
+        tok = ALITTokenizer.from_pretrained(tokenizer_dir, map_location="cpu")
+    split_info = {split: {"n": len(ds), "shards": [u.name for u in units if u.split == split]}
+                  for split, ds in datasets.items()}
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "tokenizer": identity, "request": request,
                 "codebook_size": tok.codebook_size, "tokens_per_iter": tok.tokens_per_iter,
                 "budgets": list(tok.budgets), "num_classes": len(source.class_names),

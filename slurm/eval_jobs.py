@@ -7,9 +7,7 @@ is queued) and submits
   evaluates every piece of its budget and shard (reconstructions and, with a prior, samples) through
   :meth:`Evaluation.evaluate_piece`, whose feature cache makes a requeued task cheap;
 - one **merge job** that loads every piece from that cache, refuses if any is missing, and writes the report
-  (:meth:`Evaluation.merge_and_report`). On Slurm it is queued at once with ``--dependency=afterok:<array>``
-  (and ``--kill-on-invalid-dep=yes``: a failed task cancels it); local and debug jobs have no dependencies,
-  so there it is submitted when the array has succeeded.
+  (:meth:`Evaluation.merge_and_report`), chained as :mod:`slurm.arrays` does.
 
 Job logs go to ``<report folder>/slurm/<job id>/``. Jobs export the submitter's ``ALIT_HOME`` (and
 ``ALIT_WEIGHTS_CACHE`` when set) unless ``slurm.env`` sets them, so the array and the merge job share one
@@ -23,15 +21,11 @@ feature cache (on a cluster: a shared filesystem).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
-import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
-
-import submitit
 
 from sampling.generate import ADAPTIVE, Budget, Models, Shard, budget_label, num_chunks
 from sampling.report import EvalSettings, Evaluation
@@ -39,7 +33,8 @@ from tokenizer.core.config import from_dict, to_dict
 from tokenizer.core.data import EMOJI, DataConfig
 from tokenizer.core.paths import alit_home, cache_dir
 
-from .launcher import Cluster, JobSpec, SlurmConfig, SlurmJobError, submit, submit_array, wait_with_errors
+from .arrays import ArraySubmission, submit_with_merge
+from .launcher import Cluster, JobSpec, SlurmConfig
 
 SHARD_TARGET = "slurm.eval_jobs:evaluate_shard"
 MERGE_TARGET = "slurm.eval_jobs:merge_report"
@@ -152,60 +147,13 @@ def merge_report(request: dict[str, Any], shards: int, out: str) -> dict[str, An
 
 
 # ============================================================================ submitting and waiting
-def _array_id(jobs: list[submitit.Job]) -> str:
-    return str(jobs[0].job_id).split("_")[0]
-
-
-@dataclass
-class EvalSubmission:
-    """A submitted evaluation: the array's jobs (one per task) and the merge job."""
+@dataclass(kw_only=True)
+class EvalSubmission(ArraySubmission):
+    """A submitted evaluation: the array's jobs (one per (budget, shard) task) and the merge job."""
 
     request: EvalRequest
-    out: Path  # report folder (job logs under out/slurm/<job id>/)
     shards: int  # shards per budget
     tasks: list[tuple[Budget, int]]  # (budget, shard index) per array task, in order
-    cluster: Cluster
-    slurm: SlurmConfig  # resources of every job (with shared_env() exported)
-    array: list[submitit.Job]  # one per task
-    merge: submitit.Job | None = None  # None until submitted (local/debug: after the array succeeded)
-    results: list[Any] = field(default_factory=list)  # the tasks' results once waited for
-
-    @property
-    def array_id(self) -> str:
-        """The Slurm array's job id (the first task's job id on local/debug, which have no arrays)."""
-        return _array_id(self.array) if self.cluster == "slurm" else str(self.array[0].job_id)
-
-    def submit_merge(self) -> submitit.Job:
-        """Submit the merge job (on Slurm: held until every array task succeeded)."""
-        cfg = replace(self.slurm, job_name=f"{self.slurm.job_name}-merge")
-        if self.cluster == "slurm":
-            cfg = replace(cfg, extra={**cfg.extra, "dependency": f"afterok:{self.array_id}",
-                                      "kill_on_invalid_dep": "yes"})
-        spec = JobSpec(MERGE_TARGET, {"request": asdict(self.request), "shards": self.shards,
-                                      "out": str(self.out)})
-        self.merge = submit(spec, run_dir=self.out, cfg=cfg, cluster=self.cluster)
-        return self.merge
-
-    def wait(self, timeout_s: float | None = None) -> dict[str, Any]:
-        """Wait for the array, then (submitting it now on local/debug) the merge job; the report dict.
-
-        Raises :class:`SlurmJobError` naming each failed job, its logs and its stderr tail (a failed task
-        cancels the merge job), or TimeoutError.
-        """
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        try:
-            self.results = wait_with_errors(self.array, timeout_s)
-        except SlurmJobError:
-            if self.merge is not None:  # Slurm cancels it too (kill_on_invalid_dep); do not leave it pending
-                with contextlib.suppress(Exception):
-                    self.merge.cancel(check=False)
-            raise
-        if self.merge is None:
-            self.submit_merge()
-        assert self.merge is not None
-        left = None if deadline is None else max(1.0, deadline - time.monotonic())
-        [report] = wait_with_errors([self.merge], left)
-        return report
 
 
 def submit_evaluation(request: EvalRequest, evaluation: Evaluation, *, shards: int, out: str | Path,
@@ -221,18 +169,10 @@ def submit_evaluation(request: EvalRequest, evaluation: Evaluation, *, shards: i
     cfg = replace(cfg, env={**shared_env(), **cfg.env})
     specs = [JobSpec(SHARD_TARGET, {"request": asdict(request), "budget": b, "shard": f"{i}/{shards}"})
              for b, i in tasks]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    array = submit_array(specs, run_dir=out_dir, cfg=cfg, cluster=cluster)
-    sub = EvalSubmission(request, out_dir, shards, tasks, cluster, cfg, array)
-    if cluster == "slurm":
-        try:
-            sub.submit_merge()
-        except BaseException:  # no report would ever be written: do not leave the array running
-            for job in array:
-                with contextlib.suppress(Exception):
-                    job.cancel(check=False)
-            raise
-    return sub
+    merge = JobSpec(MERGE_TARGET, {"request": asdict(request), "shards": shards, "out": str(out_dir)})
+    sub = submit_with_merge(specs, merge, out=out_dir, slurm=cfg, cluster=cluster)
+    return EvalSubmission(**{f.name: getattr(sub, f.name) for f in fields(ArraySubmission)},
+                          request=request, shards=shards, tasks=tasks)
 
 
 def describe_tasks(tasks: list[tuple[Budget, int]], shards: int) -> str:

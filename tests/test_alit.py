@@ -286,6 +286,29 @@ def test_encode_adaptive_stops_when_settled(tok: ALITTokenizer, images: torch.Te
     assert tok.alit.last_encoder_iterations == int(lengths.max()) // 4 <= 2
 
 
+def test_encode_budgets_is_one_pass_with_every_budget_and_the_adaptive_choice(
+        tok: ALITTokenizer, images: torch.Tensor, per_budget) -> None:
+    """One encoder pass gives encode(images, k) for every k and encode_adaptive's choice, with halting on
+    (cells masked from the second iteration on) and off."""
+    codes, errs = per_budget
+    for model in (tok, _with_threshold(tok, 0.02), _with_threshold(tok, 0.5, halting=False)):
+        want = {b: model.encode(images, b) for b in model.budgets}
+        for thr in (None, 0.0, float(errs[:, 1].median()), math.inf):
+            out = model.encode_budgets(images, thr)
+            assert model.alit.last_encoder_iterations == 4, "one pass: as many iterations as budgets"
+            assert sorted(out.ids) == list(model.budgets)
+            for b in model.budgets:
+                assert torch.equal(out.ids[b], want[b]), (b, thr)
+            if thr is None:
+                assert out.adaptive_ids is None and out.adaptive_lengths is None
+                continue
+            ids, lengths = model.encode_adaptive(images, thr)
+            assert torch.equal(out.adaptive_lengths, lengths) and torch.equal(out.adaptive_ids, ids), thr
+    assert len(set(tok.encode_budgets(images, float(errs[:, 1].median())).adaptive_lengths.tolist())) > 1
+    with pytest.raises(ValueError, match="threshold"):
+        tok.encode_budgets(images, -1.0)
+
+
 # ============================================================================ halting
 def _target_prob(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return logits.softmax(-1).gather(-1, targets.reshape(targets.shape[0], -1, 1)).squeeze(-1)

@@ -344,6 +344,15 @@ class IterationOutput:
 
 
 @dataclass
+class BudgetCodes:
+    """:meth:`ALITTokenizer.encode_budgets`: the ids of every budget from one encoder pass."""
+
+    ids: dict[int, Tensor]  # budget -> (B, budget) long
+    adaptive_ids: Tensor | None  # (B, max_budget) long padded with PAD_ID (with a threshold)
+    adaptive_lengths: Tensor | None  # (B,) long: each image's chosen budget (with a threshold)
+
+
+@dataclass
 class ALITOutput:
     """:meth:`ALIT.forward`'s result (the same in train and eval)."""
 
@@ -763,6 +772,51 @@ class ALITTokenizer(nn.Module):
             out[rows] = images
         assert out is not None
         return out
+
+    @torch.no_grad()
+    def encode_budgets(self, images: Tensor, threshold: float | None = None) -> BudgetCodes:
+        """One encoder pass to the largest budget: the ids of every budget, and with ``threshold`` the
+        adaptive choice, together.
+
+        ``ids[k]`` equals ``encode(images, k)`` (the same iterations and halting masks, which depend only on
+        the iterations before; a per-budget encode repeats them: 1 + 2 + ... + 8 = 36 iterations for 8
+        budgets against 8 here). The adaptive choice is :meth:`encode_adaptive`'s rule (the first budget
+        whose unclamped reconstruction L1 in [0, 1] units is below ``threshold``, else the lowest-error
+        one) from one decoder pass per budget, which the halting masks need anyway."""
+        self._check_images(images)
+        if threshold is not None and not threshold >= 0:
+            raise ValueError(f"threshold is an L1 error in [0, 1] pixel units (e.g. 0.07), got {threshold}")
+        alit, b = self.alit, images.shape[0]
+        n = alit.config.num_iters
+        features, targets = self.features_and_targets(images)
+        state, halt = alit.embed(images, features), None
+        ids_by_budget: dict[int, Tensor] = {}
+        best = torch.full((b,), math.inf, device=images.device)
+        lengths = torch.zeros(b, dtype=torch.long, device=images.device)
+        settled = torch.zeros(b, dtype=torch.bool, device=images.device)
+        for t in range(n):
+            state = alit.step(state, halt)
+            codes, ids, _ = alit.bottleneck(state)  # (B, k, D), (B, k)
+            k = ids.shape[1]
+            ids_by_budget[k] = ids
+            need_logits = threshold is not None or (alit.config.halting and t < n - 1)
+            logits = alit.decode_logits(codes) if need_logits else None
+            if threshold is not None:
+                recon = self.logits_to_images(logits)  # unclamped, as the public selection metric
+                err = (recon.float() - images.float()).abs().flatten(1).mean(1) / 2  # (B,) [0, 1] units
+                better = (err < best) & ~settled
+                lengths[better] = k
+                best[better] = err[better]
+                settled |= err < threshold
+            if alit.config.halting and t < n - 1:
+                halt = alit.halting_mask(logits, targets)
+        adaptive = None
+        if threshold is not None:
+            adaptive = torch.full((b, n * self.tokens_per_iter), PAD_ID, dtype=torch.long, device=images.device)
+            for k, ids in ids_by_budget.items():
+                rows = lengths == k
+                adaptive[rows, :k] = ids[rows]
+        return BudgetCodes(ids_by_budget, adaptive, lengths if threshold is not None else None)
 
     @torch.no_grad()
     def encode_adaptive(self, images: Tensor, threshold: float,

@@ -1,21 +1,31 @@
 """``alit tokenize``: encode a dataset once with a tokenizer, at every budget (and adaptively), into a token cache.
 
     alit tokenize --tokenizer <tokenizer run>/final --out <cache dir> [--adaptive-threshold 0.07] [data.source=emoji]
+    alit tokenize ... --shard 2/8                        # shard files 2, 10, 18, ... in this process
+    alit tokenize ... --cluster slurm --shards 8 --gpus 1  # a job array of 8 tasks and a merge job
+
+One encoder pass per batch gives the ids of every budget and the adaptive choice; images are read by a
+DataLoader with ``--num-workers`` workers. Shard files already written are reused, so a requeued task or
+a re-submitted command continues; the run that completes the set writes the manifest.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 from tokenizer.core.data import DataSpec
+from tokenizer.core.errors import EXIT_FAILED, UsageError
 
+from ..launcher import SlurmJobError, add_cluster_arguments, job_flags_problem, slurm_config_from_args
 from . import prologue
 
-TAKES_OVERRIDES = True  # data.* overrides, e.g. data.source=/path/to/images
+TAKES_OVERRIDES = True  # data.* overrides, e.g. data.source=/path/to/images; slurm.* ones set job resources
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.usage = "alit tokenize --tokenizer DIR --out DIR [--adaptive-threshold T] [data.key=value ...]"
+    parser.usage = ("alit tokenize --tokenizer DIR --out DIR [--adaptive-threshold T] [--shard i/n | --cluster "
+                    "C --shards N] [data.key=value ...]")
     parser.add_argument("--tokenizer", required=True, help="a saved tokenizer directory (a tokenizer run's final/)")
     parser.add_argument("--out", required=True, help="the token cache directory to write (reused if up to date)")
     parser.add_argument("--config", default=None, help="YAML with a data: section (defaults: the emoji set)")
@@ -23,14 +33,75 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adaptive-threshold", type=float, default=None,
                         help="also store per-image adaptive budgets at this L1 threshold ([0, 1] units)")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--shard-size", type=int, default=8192, help="images per shard file (default 8192)")
+    parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers reading the images")
+    parser.add_argument("--shard", default=None,
+                        help="i/n: encode shard files i, i+n, ... in this process (the last run writes the manifest)")
+    parser.add_argument("--shards", type=int, default=None, help="with --cluster: array tasks (default 1)")
+    parser.add_argument("--device", default=None,
+                        help="torch device (default: cuda if available, else cpu; with --cluster: in each job)")
+    add_cluster_arguments(parser)
+
+
+def _flag_problem(args: argparse.Namespace, slurm_overrides: list[str]) -> str | None:
+    for name in ("batch_size", "shard_size"):
+        if getattr(args, name) < 1:
+            return f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}"
+    if args.num_workers < 0:
+        return f"--num-workers must be >= 0, got {args.num_workers}"
+    if args.cluster == "none":
+        if args.shard is not None:
+            from sampling.generate import Shard
+
+            try:
+                Shard.parse(args.shard)
+            except ValueError as e:
+                return str(e)
+        return job_flags_problem(args, slurm_overrides, ["--shards"] if args.shards is not None else [], "jobs")
+    if args.shard is not None:
+        return "--shard i/n runs one shard in this process: with --cluster use --shards N"
+    if args.shards is not None and args.shards < 1:
+        return f"--shards must be >= 1, got {args.shards}"
+    if args.no_wait and args.cluster != "slurm":
+        return "--no-wait needs --cluster slurm (elsewhere the merge job is submitted after the array finished)"
+    return None
 
 
 def run(args: argparse.Namespace) -> int:
-    from generator.cache import build_token_cache
+    from sampling.generate import Shard, default_device
 
-    spec, _ = prologue(args, DataSpec, args.config)
-    out = build_token_cache(args.tokenizer, spec.data, args.out, tuple(args.splits.split(",")),
-                            args.adaptive_threshold, args.batch_size, device=args.device)
+    from ..tokenize_jobs import TokenizeRequest, submit_tokenization
+
+    spec, slurm_overrides = prologue(args, DataSpec, args.config, check=_flag_problem)
+    splits = tuple(s.strip() for s in args.splits.split(",") if s.strip())
+    request = TokenizeRequest.from_parts(args.tokenizer, spec.data, args.out, splits=splits,
+                                         adaptive_threshold=args.adaptive_threshold, batch_size=args.batch_size,
+                                         shard_size=args.shard_size, num_workers=args.num_workers,
+                                         device=args.device)
+    if args.cluster == "none":
+        shard = Shard.parse(args.shard or "0/1")
+        request = TokenizeRequest(**{**request.__dict__, "device": args.device or default_device()})
+        out = request.build((shard.index, shard.count), progress=True)
+        print(f"[tokenize] token cache: {out}" if out is not None else
+              f"[tokenize] shard {shard.index}/{shard.count} written to {args.out}")
+        return 0
+    slurm = slurm_config_from_args(args, slurm_overrides)
+    if slurm.num_tasks > 1:
+        raise UsageError(f"each tokenization job is one process, not {slurm.num_tasks} (--nodes/--tasks): "
+                         "spread the work with --shards N instead")
+    shards = args.shards or 1
+    sub = submit_tokenization(request, shards=shards, slurm=slurm, cluster=args.cluster)
+    print(f"[tokenize] submitted array {sub.array_id} ({args.cluster}; {shards} task(s)) and "
+          f"{'merge job ' + str(sub.merge.job_id) if sub.merge is not None else 'a merge job after it'}; logs: "
+          f"{sub.out / 'slurm'}", file=sys.stderr, flush=True)
+    if args.no_wait:
+        print(sub.array_id)
+        print(sub.merge.job_id if sub.merge is not None else "")
+        return 0
+    try:
+        out = sub.wait()
+    except SlurmJobError as e:
+        print(f"alit tokenize: {e}", file=sys.stderr)
+        return EXIT_FAILED
     print(f"[tokenize] token cache: {out}")
     return 0
