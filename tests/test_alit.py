@@ -290,7 +290,7 @@ def test_encode_budgets_is_one_pass_with_every_budget_and_the_adaptive_choice(
         tok: ALITTokenizer, images: torch.Tensor, per_budget) -> None:
     """One encoder pass gives encode(images, k) for every k and encode_adaptive's choice, with halting on
     (cells masked from the second iteration on) and off."""
-    codes, errs = per_budget
+    errs = per_budget[1]
     for model in (tok, _with_threshold(tok, 0.02), _with_threshold(tok, 0.5, halting=False)):
         want = {b: model.encode(images, b) for b in model.budgets}
         for thr in (None, 0.0, float(errs[:, 1].median()), math.inf):
