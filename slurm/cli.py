@@ -34,6 +34,8 @@ class Command:
 COMMANDS: tuple[Command, ...] = (
     Command("demo", "slurm.commands.demo",
             "the whole pipeline on the embedded emoji set, ending in an HTML report", "alit demo"),
+    Command("status", "slurm.commands.status",
+            "the stages of a pipeline directory: job ids, states, reuse and logs", "alit status $ALIT_HOME/demo"),
     Command("weights", "slurm.commands.weights", "report and verify the offline FID/LPIPS weights",
             "alit weights"),
     Command("data", "slurm.commands.data", "inspect a dataset (the embedded emoji set by default)",

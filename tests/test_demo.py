@@ -1,5 +1,6 @@
-"""`alit demo`: every stage runs on the embedded data (at toy length here), re-runs reuse finished
-stages, and the report page is self-contained (figures embedded, no server needed)."""
+"""`alit demo`: every stage runs on the embedded data (at toy length here), re-runs reuse unchanged
+stages (a changed stage reruns with the ones after it), and the report page is self-contained (figures
+embedded, no server needed)."""
 
 from __future__ import annotations
 
@@ -23,10 +24,18 @@ TINY = [
     "train.tensorboard=false,model.width=32,model.depth=1]",
     "eval.num_images=12", "eval.budgets=[4,16]", "adaptive_threshold=0.2",
 ]
+REUSED = ": reused (finished earlier"
+
+
+def finished_at(root: Path) -> dict[str, float]:
+    """When each stage's last run finished (its record in <out>/stages/<stage>.json)."""
+    stages = ("vq", "distill", "finetune", "tokenize", "prior", "eval")
+    return {s: json.loads((root / "stages" / f"{s}.json").read_text())["finished"] for s in stages}
 
 
 def test_demo_runs_every_stage_then_reuses_them(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    """Five toy trainings and an Inception evaluation: about two minutes on 2 cores."""
+    """Five toy trainings and an Inception evaluation: about two minutes on 2 cores; then the same command
+    reuses every stage, and a changed prior config reruns the prior and the evaluation only."""
     args = ["demo", f"out={tmp_path / 'demo'}", *TINY]
     assert alit(args) == 0
     out = capsys.readouterr()
@@ -38,24 +47,43 @@ def test_demo_runs_every_stage_then_reuses_them(tmp_path: Path, capsys: pytest.C
     assert html.count("data:image/png;base64,") >= 4 and not re.search(r'src="(?!data:)', html)
     for stage in ("vq", "distill", "finetune", "prior"):
         assert (tmp_path / "demo" / stage / "final" / "manifest.json").is_file()
-    assert alit(args) == 0  # the second run reuses every stage and every evaluation piece
+    first = finished_at(tmp_path / "demo")
+    assert alit(args) == 0  # the second run reuses every stage
+    assert capsys.readouterr().err.count(REUSED) == 6
+    assert finished_at(tmp_path / "demo") == first
+
+    changed = [a.replace("train.max_steps=4,train.batch_size=16", "train.max_steps=5,train.batch_size=16")
+               for a in args]
+    assert changed != args
+    assert alit(changed) == 0
     err = capsys.readouterr().err
-    assert err.count(": reused (finished earlier") == 5
-    assert "reused cached features" in err
+    assert err.count(REUSED) == 4
+    assert "5/6 prior: runs (config changed (train.max_steps: 4 -> 5))" in err
+    assert "6/6 evaluation: runs (input prior runs again)" in err
+    assert "reused cached features" in err  # the reconstructions' pieces: same tokenizer, same data
+    again = finished_at(tmp_path / "demo")
+    assert all(again[s] == first[s] for s in ("vq", "distill", "finetune", "tokenize"))
+    assert all(again[s] > first[s] for s in ("prior", "eval"))
+    record = json.loads((tmp_path / "demo" / "pipeline.json").read_text())
+    assert [e["reused"] for e in record["stages"]] == [True, True, True, True, False, False]
 
 
 def test_demo_as_a_job_then_reused_here(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    """`alit demo --cluster local`: the whole pipeline runs as one submitit job in another process (paths made
-    absolute, logs under the demo directory); running the demo here afterwards reuses every stage it wrote."""
+    """`alit demo --cluster local`: each stage runs as its own submitit job in another process, one after
+    another (paths made absolute, logs under each stage's directory); running the demo here afterwards
+    reuses every stage they wrote."""
     out = tmp_path / "demo"
     assert alit(["demo", f"out={out}", *TINY, "--cluster", "local", "--cpus", "2", "--fresh"]) == 0
     captured = capsys.readouterr()
     page = Path(re.search(r"report: (\S+report\.html)", captured.out).group(1))
     assert page.is_file() and page.parent == out / "report"
-    job_logs = list((out / "slurm").glob("*/*_log.err"))
-    assert job_logs and "run_demo_job" in job_logs[0].read_text()
+    for stage in ("vq", "distill", "finetune", "tokenize", "prior", "eval"):
+        job_logs = list((out / "stages" / stage / "slurm").glob("*/*_log.err"))
+        assert len(job_logs) == 1 and "run_stage_job" in job_logs[0].read_text()
+    record = json.loads((out / "pipeline.json").read_text())
+    assert len({e["jobs"][0] for e in record["stages"]}) == 6
     assert alit(["demo", f"out={out}", *TINY]) == 0
-    assert capsys.readouterr().err.count(": reused (finished earlier") == 5
+    assert capsys.readouterr().err.count(REUSED) == 6
 
 
 def test_demo_cluster_flags_need_a_cluster(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
