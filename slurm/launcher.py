@@ -66,20 +66,23 @@ class SlurmConfig:
 
     partition: str | None = None  # Slurm partition; None = the cluster's default partition
     nodes: int = 1  # nodes of one job
-    tasks_per_node: int = 1  # processes per node (one per GPU for training); each runs the function
+    tasks_per_node: int | None = None  # processes per node, each running the function; None = one per GPU
+    #                                    asked for (gpus_per_node), at least 1
     gpus_per_node: int = 0  # GPUs per node (0 = do not ask for any)
     cpus_per_task: int = 1  # CPU cores per process (data-loading workers + 1)
     mem_gb: float | None = None  # memory per node in GB; None = the partition's default
     time_min: int = 60  # time limit of one attempt, in minutes (requeues start the clock again)
     account: str | None = None  # Slurm account to charge
     qos: str | None = None  # Slurm quality of service
-    max_num_timeout: int = 3  # requeues allowed after reaching the time limit
+    max_num_timeout: int = 3  # requeues allowed after reaching the time limit (--max-requeues)
     signal_delay_s: int = 90  # USR2 comes this long before the time limit (time to checkpoint)
     job_name: str = "alit"  # name shown by squeue
     extra: dict[str, Any] = field(default_factory=dict)  # more sbatch options, e.g. {"constraint": "a100"}
     env: dict[str, str] = field(default_factory=dict)  # variables exported before Python starts (slurm, local)
 
     def __post_init__(self) -> None:
+        if self.tasks_per_node is None:
+            self.tasks_per_node = max(1, self.gpus_per_node)
         for name in ("nodes", "tasks_per_node", "cpus_per_task", "time_min"):
             if getattr(self, name) < 1:
                 raise ValueError(f"slurm.{name} must be >= 1, got {getattr(self, name)}")
@@ -99,6 +102,25 @@ class SlurmConfig:
         bad = [k for k in self.env if not (isinstance(k, str) and k.isidentifier())]
         if bad:
             raise ValueError(f"slurm.env keys must be environment variable names (e.g. OMP_NUM_THREADS), got {bad}")
+        # every value ends up in the job script (#SBATCH lines, export lines): a newline there would end the
+        # #SBATCH block and run what follows as shell, so no control character is accepted anywhere
+        values = {"partition": self.partition, "account": self.account, "qos": self.qos, "job_name": self.job_name,
+                  **{f"extra.{k}": v for k, v in self.extra.items()}, **{f"env.{k}": v for k, v in self.env.items()}}
+        for key, value in values.items():
+            if value is not None and any(ord(ch) < 32 or ord(ch) == 127 for ch in str(value)):
+                raise ValueError(f"slurm.{key}={str(value)!r} holds a control character (newline, tab, ...), "
+                                 "which would break the job script: give a plain one-line value")
+
+    @property
+    def total_time_min(self) -> int:
+        """The longest a job can run in all: its first attempt and every requeue after a time limit."""
+        return self.time_min * (1 + self.max_num_timeout)
+
+    def describe_time(self) -> str:
+        """``60 min per attempt, up to 3 requeues after the time limit: at most 4h00 in all``."""
+        total = self.total_time_min
+        return (f"{self.time_min} min per attempt, up to {self.max_num_timeout} requeue(s) after the time limit "
+                f"(--max-requeues; preemptions do not count): at most {total // 60}h{total % 60:02d} in all")
 
     @property
     def num_tasks(self) -> int:
@@ -402,11 +424,17 @@ def _submission_env() -> Iterator[None]:
 
 
 # ============================================================================ submitting and waiting
+def _say_time(cfg: SlurmConfig | None, cluster: Cluster, specs: Sequence[JobSpec]) -> None:
+    if cluster == "slurm" and any(s.requeue for s in specs):
+        print(f"[slurm] time: {(cfg or SlurmConfig()).describe_time()}", file=sys.stderr, flush=True)
+
+
 def submit(spec: JobSpec, *, run_dir: str | Path, cfg: SlurmConfig | None = None,
            cluster: Cluster = "slurm") -> submitit.Job:
     """Submit one :class:`ResumableJob` running ``spec``; logs under ``<run_dir>/slurm/<job id>``."""
     spec.resolve()  # fail here, not in the queue, if the target does not exist
     executor = make_executor(cluster, job_folder(run_dir), cfg)
+    _say_time(cfg, cluster, [spec])
     with _submission_env():
         return executor.submit(ResumableJob(spec))
 
@@ -419,6 +447,7 @@ def submit_array(specs: Sequence[JobSpec], *, run_dir: str | Path, cfg: SlurmCon
     for spec in specs:
         spec.resolve()
     executor = make_executor(cluster, job_folder(run_dir), cfg)
+    _say_time(cfg, cluster, specs)
     with _submission_env(), executor.batch():
         jobs = [executor.submit(ResumableJob(spec)) for spec in specs]
     return jobs
@@ -521,7 +550,8 @@ def wait_with_errors(jobs: Sequence[submitit.Job], timeout_s: float | None = Non
 # command-line flag (argparse dest) -> SlurmConfig field; shared by `alit train --cluster ...` and `alit sweep`
 SLURM_FLAGS: dict[str, str] = {"partition": "partition", "nodes": "nodes", "tasks": "tasks_per_node",
                                "gpus": "gpus_per_node", "cpus": "cpus_per_task", "mem": "mem_gb",
-                               "time": "time_min", "account": "account", "qos": "qos", "job_name": "job_name"}
+                               "time": "time_min", "account": "account", "qos": "qos", "job_name": "job_name",
+                               "max_requeues": "max_num_timeout"}
 
 
 def parse_time_min(text: str) -> int:
@@ -604,13 +634,16 @@ def add_cluster_arguments(parser: argparse.ArgumentParser, default: str = "none"
     g.add_argument("--partition", default=None, help="Slurm partition (default: the cluster's default)")
     g.add_argument("--nodes", type=int, default=None, help="nodes per job")
     g.add_argument("--tasks", type=int, default=None, help="tasks (processes) per node, e.g. one per GPU")
-    g.add_argument("--gpus", type=int, default=None, help="GPUs per node")
+    g.add_argument("--gpus", type=int, default=None,
+                   help="GPUs per node; without --tasks also the processes per node (one per GPU)")
     g.add_argument("--cpus", type=int, default=None, help="CPUs per task (also the job's OMP_NUM_THREADS)")
     g.add_argument("--mem", type=float, default=None, help="memory per node in GB")
     g.add_argument("--time", default=None, help="time limit per attempt: minutes or [D-]HH:MM:SS")
     g.add_argument("--account", default=None, help="Slurm account")
     g.add_argument("--qos", default=None, help="Slurm quality of service")
     g.add_argument("--job-name", default=None, help="job name shown by squeue")
+    g.add_argument("--max-requeues", type=int, default=None,
+                   help="requeues after reaching the time limit (default 3); the total time is printed at submit")
     g.add_argument("--no-wait", action="store_true", help="submit, print the job id and return")
 
 

@@ -128,6 +128,77 @@ def test_config_and_spec_errors_name_the_field() -> None:
     assert SlurmConfig(nodes=2, tasks_per_node=4).num_tasks == 8
 
 
+@pytest.mark.parametrize("key", ["partition", "account", "qos", "job_name", "extra.constraint", "extra.comment",
+                                 "env.NOTE"])
+def test_control_characters_in_any_slurm_value_are_refused(key: str, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture) -> None:
+    """A newline would end the job script's #SBATCH block and run the rest as shell: refused for every value,
+    from the API and from the command line, before anything is submitted."""
+    from slurm.cli import main as alit
+    from slurm.launcher import slurm_config
+    from tokenizer.core.config import ConfigError
+
+    value = "a100\ntouch injected #"
+    section: dict[str, object] = {}
+    *parents, leaf = key.split(".")
+    node = section
+    for part in parents:
+        node = node.setdefault(part, {})  # type: ignore[assignment]
+    node[leaf] = value
+    with pytest.raises(ConfigError, match=rf"slurm\.{key}=.*control character"):
+        slurm_config(section)
+    for bad in ("tab\there", "bell\x07"):
+        with pytest.raises(ConfigError, match="control character"):
+            slurm_config({"job_name": bad})
+    rc = alit(["train", "tokenizer", "--config", "configs/tokenizer/vq_emoji_cpu.yaml", "--cluster", "slurm",
+               f"run_dir={tmp_path / 'run'}", f"slurm.{key}=" + '"a100\\ntouch injected #"'])  # YAML's \n: a newline
+    err = capsys.readouterr().err
+    assert rc == 2 and "control character" in err and "Traceback" not in err, err
+    assert not (tmp_path / "run").exists() and not Path("injected").exists()
+
+
+def test_gpus_mean_one_process_each_and_requeues_are_a_flag() -> None:
+    import argparse
+
+    from slurm.launcher import add_cluster_arguments, slurm_config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_cluster_arguments(parser)
+
+    def cfg(*argv: str) -> SlurmConfig:
+        return slurm_config_from_args(parser.parse_args(["--cluster", "slurm", *argv]))
+
+    assert cfg("--gpus", "2").tasks_per_node == 2 and cfg("--gpus", "2").num_tasks == 2
+    assert cfg("--gpus", "8", "--nodes", "2").num_tasks == 16
+    assert cfg("--gpus", "2", "--tasks", "1").tasks_per_node == 1  # --tasks says otherwise
+    assert cfg().tasks_per_node == 1 and SlurmConfig(gpus_per_node=4).tasks_per_node == 4
+    c = cfg("--max-requeues", "5", "--time", "2:00:00")
+    assert c.max_num_timeout == 5 and c.total_time_min == 720
+    assert "120 min per attempt, up to 5 requeue(s)" in c.describe_time() and "at most 12h00" in c.describe_time()
+
+
+def test_a_process_outside_srun_in_an_allocation_runs_alone(monkeypatch: pytest.MonkeyPatch,
+                                                            capsys: pytest.CaptureFixture) -> None:
+    """The batch script of a 2-task allocation has SLURM_NTASKS=2 but no job step: one rank, said so (it would
+    wait forever for a second rank); under srun the step's variables give the ranks."""
+    from tokenizer.core.distributed import _ranks_from_env
+
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "SLURM_STEP_ID", "SLURM_STEP_NUM_TASKS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    assert _ranks_from_env() == (1, 0, 0)
+    assert "not started by srun" in capsys.readouterr().err
+    monkeypatch.setenv("SLURM_STEP_ID", "0")
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "2")
+    monkeypatch.setenv("SLURM_PROCID", "1")
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    assert _ranks_from_env() == (2, 1, 1)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "3")
+    assert _ranks_from_env()[:2] == (4, 3)  # torchrun's variables first
+
+
 def test_parse_exports() -> None:
     text = "export SLURM_CONF=/var/a\\ b/etc/slurm.conf\n# comment\nnoise\nexport X='1 2' Y=3\n"
     assert parse_exports(text) == {"SLURM_CONF": "/var/a b/etc/slurm.conf", "X": "1 2", "Y": "3"}

@@ -1,13 +1,15 @@
 """torch.distributed set-up from torchrun or Slurm environment variables, and small collectives.
 
-``init_distributed()`` reads ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` (torchrun) or, failing those,
-``SLURM_PROCID``/``SLURM_NTASKS``/``SLURM_LOCALID`` (srun); a single process needs neither.
+``init_distributed()`` reads ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` (torchrun) or, failing those, the
+variables of an ``srun`` job step (``SLURM_PROCID``/``SLURM_STEP_NUM_TASKS``/``SLURM_LOCALID``); a single
+process needs neither, and an allocation's batch script outside ``srun`` runs as one process.
 Backend: NCCL on CUDA, gloo on CPU.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -39,11 +41,28 @@ def _env_int(*names: str) -> int | None:
     return None
 
 
+def _ranks_from_env() -> tuple[int, int, int]:
+    """``(world, rank, local rank)``: torchrun's variables, else those of an ``srun`` job step.
+
+    Only a step launched by ``srun`` counts: the batch script of an allocation of several tasks has
+    ``SLURM_NTASKS`` > 1 but runs once, so reading it there would wait forever for ranks that never start.
+    That case runs one process and says so."""
+    if _env_int("WORLD_SIZE") is not None:
+        return _env_int("WORLD_SIZE") or 1, _env_int("RANK") or 0, _env_int("LOCAL_RANK") or 0
+    if _env_int("SLURM_STEP_ID") is not None and _env_int("SLURM_STEP_NUM_TASKS") is not None:
+        return (_env_int("SLURM_STEP_NUM_TASKS") or 1, _env_int("SLURM_PROCID") or 0,
+                _env_int("SLURM_LOCALID") or 0)
+    tasks = _env_int("SLURM_NTASKS") or 1
+    if tasks > 1:
+        print(f"[dist] running one process: this Slurm allocation has {tasks} tasks but this process was not "
+              "started by srun (nor torchrun); start it with `srun alit ...` (or torchrun) to use every task",
+              file=sys.stderr, flush=True)
+    return 1, 0, 0
+
+
 def init_distributed(device: str = "auto") -> DistInfo:
     """Join the process group if the environment describes one; pick this process's device."""
-    world = _env_int("WORLD_SIZE", "SLURM_NTASKS") or 1
-    rank = _env_int("RANK", "SLURM_PROCID") or 0
-    local = _env_int("LOCAL_RANK", "SLURM_LOCALID") or 0
+    world, rank, local = _ranks_from_env()
     if device == "auto":
         dev = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
     else:
