@@ -88,5 +88,5 @@ def test_demo_as_a_job_then_reused_here(tmp_path: Path, capsys: pytest.CaptureFi
 
 def test_demo_cluster_flags_need_a_cluster(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert alit(["demo", f"out={tmp_path / 'demo'}", "--gpus", "1"]) == 2
-    assert "--gpus only apply to a job" in capsys.readouterr().err
+    assert "--gpus only apply to stage jobs" in capsys.readouterr().err
     assert not (tmp_path / "demo").exists()
