@@ -14,6 +14,7 @@ What is measured (README, "Benchmarks", says what each number means and lists th
 - ``bf16.*``: bf16 autocast vs fp32 speed-ups, and the output differences of the same model both ways.
 - ``data.*``: an image folder's first start (index built) vs second start (cached index), and DataLoader
   images/s with 0 and 2 workers, on a synthetic folder of 50,000 JPEGs under ``$ALIT_HOME/bench/data/``.
+- ``cache.*``: peak RSS of loading a 200,000-image token cache memory-mapped vs as int64 (fresh processes).
 - ``cuda.xformers_vs_sdpa.*``: on CUDA only (``n/a`` with the reason elsewhere).
 
 The JSON report goes to ``$ALIT_HOME/bench/results/bench-<date>.json`` (never the source tree).
@@ -40,6 +41,7 @@ import torch
 from tokenizer.alit import ALIT_SIZES
 from tokenizer.core.paths import cache_dir
 
+from . import cache_bench
 from .models import TOKENIZER_SHAPES
 from .report import SCHEMA, Report
 from .timing import Settings
@@ -47,7 +49,7 @@ from .timing import Settings
 __all__ = ["GROUPS", "REQUIRED_KEYS", "SCHEMA", "Report", "Settings", "default_output", "required_keys", "run"]
 
 GROUPS = ("encode", "finetune", "tokenizer_step", "bf16_tokenizer", "ar", "maskgit", "packing", "prior_step",
-          "bf16_prior", "fid", "data", "cuda")  # --only choices (the matmul peak always runs)
+          "bf16_prior", "fid", "data", "cache", "cuda")  # --only choices (the matmul peak always runs)
 SHAPES = tuple(TOKENIZER_SHAPES)
 
 
@@ -79,6 +81,7 @@ def required_keys() -> tuple[str, ...]:
              "data.index.cached_speedup", "data.index.second_over_first", "data.loader.images_per_s.w0",
              "data.loader.images_per_s.w2", "cuda.xformers_vs_sdpa.dense", "cuda.xformers_vs_sdpa.padded",
              "cuda.xformers_vs_sdpa.packed"]
+    keys += list(cache_bench.KEYS)
     return tuple(keys)
 
 
@@ -117,6 +120,7 @@ def _jobs(settings: Settings, flops: list[dict[str, Any]],
         ("bf16_prior", "bf16 priors", lambda r: prior_bench.bench_bf16_priors(s, r)),
         ("fid", "FID", lambda r: fid_bench.bench_fid(s, r)),
         ("data", "data path", lambda r: data_bench.bench_data(s, r)),
+        ("cache", "token cache load", lambda r: cache_bench.bench_cache(s, r)),
         ("cuda", "CUDA attention", lambda r: hardware.bench_cuda_attention(s, r)),
     ]
     return jobs

@@ -25,6 +25,7 @@ into int64 tensors as before.
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
 import mmap
@@ -175,6 +176,8 @@ class ShardedArray:
         self.rows = None if rows is None else np.asarray(rows, dtype=np.int64)  # a view's rows (global)
         self.numpy_dtype = first.numpy_dtype
         self.row_shape: tuple[int, ...] = first.shape[1:]
+        self._bounds = self.starts[1:].tolist()  # one past the last row of each part, for bisect
+        self._views: list[np.ndarray | None] = [None] * len(self.parts)  # this process's, lazily
 
     @property
     def dtype(self) -> torch.dtype:
@@ -213,7 +216,13 @@ class ShardedArray:
     # ------------------------------------------------------------------ reading
     def part(self, i: int) -> np.ndarray:
         """Shard ``i`` of the base array as a read-only numpy array over the map."""
-        return self.files.view(self.parts[i])
+        v = self._views[i]
+        if v is None:
+            v = self._views[i] = self.files.view(self.parts[i])
+        return v
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_views": [None] * len(self.parts)}  # the maps are reopened where unpickled
 
     def _positions(self, index: Index) -> np.ndarray | int:
         """``index`` as this view's row positions: an int, or an int64 array (negative ones wrapped)."""
@@ -267,13 +276,15 @@ class ShardedArray:
 
     def gather(self, index: Index, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The rows at ``index`` as a new torch tensor (stored dtype unless ``dtype`` is given)."""
+        if type(index) is int and 0 <= index < len(self):  # one row (a dataset item): the short way
+            g = index if self.rows is None else int(self.rows[index])
+            s = bisect.bisect_right(self._bounds, g)
+            out = torch.from_numpy(np.array(self.part(s)[g - (self._bounds[s - 1] if s else 0)]))
+            return out if dtype is None else out.to(dtype)
         pos = self._positions(index)
-        if isinstance(pos, int):  # one row (a dataset item): no index arrays
-            g = pos if self.rows is None else int(self.rows[pos])
-            s = int(np.searchsorted(self.starts, g, side="right")) - 1
-            out = torch.from_numpy(np.array(self.part(s)[g - int(self.starts[s])]))
-        else:
-            out = torch.from_numpy(self._read(self._global(pos)))
+        if isinstance(pos, int):  # a negative, numpy or 0-d tensor index, now checked and wrapped
+            return self.gather(pos, dtype)
+        out = torch.from_numpy(self._read(self._global(pos)))
         return out if dtype is None else out.to(dtype)
 
     def __getitem__(self, index: Index) -> torch.Tensor:
