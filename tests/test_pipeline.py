@@ -26,6 +26,7 @@ from slurm.pipeline import (
     stage_record_path,
     write_record,
 )
+from tests.slurm_fixtures import wait_until
 from tests.test_demo import TINY
 from tokenizer.core.config import load_config
 from tokenizer.core.errors import UserError
@@ -184,10 +185,15 @@ def test_staged_demo_on_slurm_runs_stage_after_stage(tmp_path: Path, capsys: pyt
     assert "report: " in capsys.readouterr().out
     ids = [e["jobs"][0] for e in json.loads((root / "pipeline.json").read_text())["stages"]]
     assert len(ids) == 6
-    acct = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "JobID,State,Start,End", "-j", ",".join(ids)],
-                          capture_output=True, text=True, check=True, env=os.environ).stdout
-    rows = {r.split("|")[0]: r.split("|")[1:] for r in acct.splitlines() if r.strip()}
-    assert all(rows[i][0] == "COMPLETED" for i in ids), rows
+    rows: dict[str, list[str]] = {}
+
+    def accounted() -> bool:  # the last job's result file comes before accounting says COMPLETED
+        acct = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "JobID,State,Start,End", "-j", ",".join(ids)],
+                              capture_output=True, text=True, check=True, env=os.environ).stdout
+        rows.update({r.split("|")[0]: r.split("|")[1:] for r in acct.splitlines() if r.strip()})
+        return all(rows.get(i, [""])[0] == "COMPLETED" for i in ids)
+
+    wait_until(accounted, 60, "sacct to show every stage job COMPLETED")
     for previous, job in itertools.pairwise(ids):
         assert rows[job][1] >= rows[previous][2], (previous, job, rows)  # ISO times compare as strings
     assert alit(["demo", f"out={root}", *TINY]) == 0  # here afterwards: every stage reused
