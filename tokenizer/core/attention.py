@@ -58,6 +58,7 @@ def _probe(device: torch.device) -> str | None:
     return None
 
 
+@torch.compiler.disable  # a cached probe with a warning: never traced into a compiled block
 def xformers_usable(device: torch.device | str) -> bool:
     """True when xformers' kernels run on ``device`` (probed once per device). When they do not, warn once
     (with the reason and the fix) and let :func:`attention` use SDPA there."""
@@ -87,6 +88,7 @@ def packed_mask(seqlens: Sequence[int], causal: bool, device: torch.device) -> t
     return allowed
 
 
+@torch.compiler.disable  # train.compile: a graph break here, not one recompilation per batch's seqlens
 def _sdpa_packed(q, k, v, seqlens, causal) -> torch.Tensor:
     """A packed batch without a dense (L, L) mask: sequences of equal length form one SDPA batch each,
     so the cost grows with the sum of squared lengths, not the square of the total."""
@@ -122,6 +124,7 @@ def _sdpa(q, k, v, key_mask, seqlens, causal) -> torch.Tensor:
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
 
 
+@torch.compiler.disable  # train.compile: xformers runs eager (a graph break), its masks are built from lists
 def _xformers(q, k, v, key_mask, seqlens, causal) -> torch.Tensor:
     xops = _xformers_ops()
     fmha = xops.fmha
