@@ -25,3 +25,14 @@ def _alit_home(tmp_path_factory: pytest.TempPathFactory) -> None:
     os.environ["ALIT_HOME"] = str(home)
     # Reuse converted pretrained weights between test sessions (a cache, never results).
     os.environ.setdefault("ALIT_WEIGHTS_CACHE", str(Path.home() / ".cache" / "alit" / "weights"))
+
+
+@pytest.fixture(scope="module")
+def base_vq(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A freshly saved, untrained tiny base VQ (what the distill stage distils), once per test module."""
+    from tokenizer.vq import BaseVQ, base_vq_config
+
+    path = tmp_path_factory.mktemp("base_vq") / "final"
+    torch.manual_seed(0)
+    BaseVQ(base_vq_config("tiny")).save_pretrained(path)
+    return path

@@ -60,17 +60,6 @@ def _one_compile_thread():
         yield
 
 
-@pytest.fixture(scope="module")
-def base_vq(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A freshly saved, untrained tiny base VQ (what the distill stage distils)."""
-    from tokenizer.vq import BaseVQ, base_vq_config
-
-    path = tmp_path_factory.mktemp("base_vq") / "final"
-    torch.manual_seed(0)
-    BaseVQ(base_vq_config("tiny")).save_pretrained(path)
-    return path
-
-
 def _distill_task(base: Path):  # -> tokenizer.train.DistillTask
     from tokenizer.train import DistillTask, Stage, TokenizerRunConfig
 

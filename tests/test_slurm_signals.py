@@ -15,7 +15,6 @@ The cluster test trains the tiny ALIT distillation stage on 64 emoji (as tests/t
 
 from __future__ import annotations
 
-import json
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -41,6 +40,7 @@ from slurm.launcher import (
     wait_with_errors,
 )
 from tests.slurm_fixtures import wait_until
+from tests.test_sweep import last_step
 from tokenizer.core.config import ConfigError
 
 WAIT_S = 180  # upper bound for one job (they take seconds; this only turns a hang into an error)
@@ -50,30 +50,11 @@ TINY_TRAIN = {"batch_size": 8, "max_steps": STEPS, "eval_every": 0, "progress": 
 
 
 # ============================================================================ helpers
-@pytest.fixture(scope="module")
-def base_vq(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A freshly saved, untrained tiny base VQ (what the distill stage distils)."""
-    from tokenizer.vq import BaseVQ, base_vq_config
-
-    path = tmp_path_factory.mktemp("base_vq") / "final"
-    torch.manual_seed(0)
-    BaseVQ(base_vq_config("tiny")).save_pretrained(path)
-    return path
-
-
 def write_config(path: Path, base: Path, **train: Any) -> Path:
     body = {"stage": "distill", "base": str(base), "alit_size": "tiny", "data": {"max_images": 64},
             "train": {**TINY_TRAIN, **train}}
     path.write_text(yaml.safe_dump(body, sort_keys=False))
     return path
-
-
-def last_step(run_dir: Path) -> int:
-    try:
-        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-        return max((json.loads(line)["step"] for line in lines if line.endswith("}")), default=0)
-    except (OSError, ValueError):
-        return 0
 
 
 def ckpt_step(run_dir: Path) -> int:

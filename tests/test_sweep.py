@@ -84,17 +84,6 @@ def distributed_distill(config: dict[str, Any], average: bool = True) -> dict[st
 
 
 # ============================================================================ helpers
-@pytest.fixture(scope="module")
-def base_vq(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A freshly saved, untrained tiny base VQ (what the distill stage distils)."""
-    from tokenizer.vq import BaseVQ, base_vq_config
-
-    path = tmp_path_factory.mktemp("base_vq") / "final"
-    torch.manual_seed(0)
-    BaseVQ(base_vq_config("tiny")).save_pretrained(path)
-    return path
-
-
 def dump_yaml(obj: Any) -> str:
     return yaml.safe_dump(obj, sort_keys=False)  # keys keep their order (grid order = point name order)
 
