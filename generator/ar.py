@@ -3,7 +3,14 @@
 Input ``[class, budget, x_0, ..., x_{L-2}]`` (token space in :mod:`generator.tokens`), causal attention;
 the output at position ``i + 1`` (the budget token for ``i = 0``) gives the logits of ``x_i``. So
 ``forward`` returns logits ``(B, L, K)`` aligned with ``ids``: ``logits[:, i]`` predicts ``ids[:, i]``.
-The budget is known from the prefix, so there is no end token. Padding follows the real slots and
+The budget is known from the prefix, so there is no end token.
+
+Adaptive length: with a length model (``config.length_model``) the output at position 0 (the class token,
+which sees only itself) gives the logits of the budget token, ``p(budget | class)``
+(:meth:`~generator.transformer.Prior.budget_logits`), so the sequence is generated budget first, then
+the ids, and decoding stops at the emitted budget: ``p(budget, ids | class) = p(budget | class)
+prod_i p(x_i | class, budget, x_<i)``. Training on the token cache's adaptive (TSC) pairs teaches it the
+length each image needed (:func:`ar_loss` with ``chosen``). Padding follows the real slots and
 causal attention never reaches it, so padded batches need no key mask.
 
 Decoding: :meth:`AR.next_logits` gives the logits of the next slot, either recomputing the whole prefix
@@ -20,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .tokens import drop_classes, lengths_to_mask
-from .transformer import KVCache, Prior, PriorConfig, PriorLoss, cross_entropy_bits
+from .transformer import KVCache, Prior, PriorConfig, PriorLoss, cross_entropy_bits, length_loss
 
 
 # ============================================================================ config
@@ -43,12 +50,19 @@ class AR(Prior):
                 packed: bool = False) -> torch.Tensor:
         """``ids (B, L)`` (PAD beyond ``lengths (B,)``, which are budgets) -> logits ``(B, L, K)``,
         ``logits[:, i]`` = ``p(ids[:, i] | class, budget, ids[:, :i])``; unspecified at padded slots."""
+        return self.forward_with_length(ids, lengths, classes, packed)[0]
+
+    def forward_with_length(self, ids: torch.Tensor, lengths: torch.Tensor, classes: torch.Tensor | None = None,
+                            packed: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`forward` and the budget logits ``(B, n)`` read at the class position of the same pass
+        (None without a length model)."""
         n = ids.shape[1]
         self.space.check_ids(ids, lengths)
         x = self.embed(ids[:, : n - 1], classes, lengths)  # (B, 1 + L, W): the last slot is never an input
         real = lengths_to_mask(lengths + 1, n + 1)  # (B, 1 + L): prefix + len - 1 slots
         h = self.run(x, real, causal=True, packed=packed)  # (B, 1 + L, W)
-        return self.head(h[:, self.PREFIX - 1:])  # (B, L, K)
+        budget = self.budget_head(h[:, 0]) if self.budget_head is not None else None  # (B, n)
+        return self.head(h[:, self.PREFIX - 1:]), budget  # (B, L, K)
 
     def new_cache(self) -> KVCache:
         """An empty KV cache for one decoding run (prefix + every slot but the last)."""
@@ -74,18 +88,23 @@ class AR(Prior):
 
 # ============================================================================ loss and likelihood
 def ar_loss(model: AR, ids: torch.Tensor, lengths: torch.Tensor, classes: torch.Tensor | None = None,
-            generator: torch.Generator | None = None, packed: bool = False) -> PriorLoss:
+            generator: torch.Generator | None = None, packed: bool = False,
+            chosen: torch.Tensor | None = None) -> PriorLoss:
     """Next-token cross-entropy over every real slot (mean over tokens), classes dropped with
-    ``config.class_dropout``."""
+    ``config.class_dropout``. With a length model and ``chosen (B,)`` (True where the length is the image's
+    TSC choice), the length model's cross-entropy on those rows is added (read from the same forward)."""
     space = model.space
     mask = space.check_ids(ids, lengths)  # (B, L)
     cond = drop_classes(space.condition(classes, len(ids), ids.device), model.config.class_dropout,
                         space.null_class, generator)
-    logits = model(ids, lengths, cond, packed=packed)  # (B, L, K)
+    logits, budget_logits = model.forward_with_length(ids, lengths, cond, packed=packed)  # (B, L, K), (B, n)
     picked, target = logits[mask], ids[mask]  # (T, K), (T,)
     loss = F.cross_entropy(picked.float(), target)
     acc = (picked.argmax(-1) == target).float().mean()
-    return PriorLoss(loss, acc.detach(), mask.sum())
+    if budget_logits is None or chosen is None:
+        return PriorLoss(loss, acc.detach(), mask.sum())
+    extra = length_loss(budget_logits, lengths, chosen, space)
+    return PriorLoss(loss + extra, acc.detach(), mask.sum(), extra.detach())
 
 
 @torch.no_grad()

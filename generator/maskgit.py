@@ -11,6 +11,11 @@ model given what is already revealed), so its negative log-probability is a vali
 comparable with the AR prior's and the unigram baseline's (:func:`maskgit_nll`; one token per step
 gives the tightest value).
 
+Adaptive length: with a length model (``config.length_model``) MaskGIT also learns ``p(budget | class)``,
+a head on the class token of a class-only pass (:meth:`~generator.transformer.Prior.budget_logits`, which
+says why that design), trained with the ids on the sequences whose length is their TSC choice
+(:func:`maskgit_loss` with ``chosen``); the sampler draws the budget, then the ids at that budget.
+
 Sizes: ``MASKGIT_SIZES`` at the end (``tiny`` for CPU tests, TiTok-like ``maskgit_b`` / ``maskgit_l``).
 """
 
@@ -24,7 +29,7 @@ from typing import Any
 import torch
 
 from .tokens import PAD_ID, drop_classes, uniform
-from .transformer import Prior, PriorConfig, PriorLoss, cross_entropy_bits
+from .transformer import Prior, PriorConfig, PriorLoss, cross_entropy_bits, length_loss
 
 Schedule = Callable[[torch.Tensor], torch.Tensor]
 
@@ -114,9 +119,12 @@ class MaskGIT(Prior):
 
 # ============================================================================ loss and likelihood
 def maskgit_loss(model: MaskGIT, ids: torch.Tensor, lengths: torch.Tensor, classes: torch.Tensor | None = None,
-                 generator: torch.Generator | None = None, packed: bool = False) -> PriorLoss:
+                 generator: torch.Generator | None = None, packed: bool = False,
+                 chosen: torch.Tensor | None = None) -> PriorLoss:
     """Masked-token cross-entropy: mask ``ceil(schedule(u) * len)`` random slots (at least one) per sequence,
-    drop classes with ``config.class_dropout``, score the masked slots (mean over all masked tokens)."""
+    drop classes with ``config.class_dropout``, score the masked slots (mean over all masked tokens).
+    With a length model and ``chosen (B,)`` (True where the length is the image's TSC choice), the length
+    model's cross-entropy on those rows is added (same dropped classes)."""
     space, cfg = model.space, model.config
     mask = space.check_ids(ids, lengths)  # (B, L)
     ratio = MASK_SCHEDULES[cfg.mask_schedule](uniform(lengths.shape, ids.device, generator))  # (B,)
@@ -128,7 +136,10 @@ def maskgit_loss(model: MaskGIT, ids: torch.Tensor, lengths: torch.Tensor, class
     picked, target = logits[masked], ids[masked]  # (M, K), (M,)
     loss = torch.nn.functional.cross_entropy(picked.float(), target)
     acc = (picked.argmax(-1) == target).float().mean()
-    return PriorLoss(loss, acc.detach(), masked.sum())
+    if model.budget_head is None or chosen is None:
+        return PriorLoss(loss, acc.detach(), masked.sum())
+    extra = length_loss(model.budget_logits(cond), lengths, chosen, space)
+    return PriorLoss(loss + extra, acc.detach(), masked.sum(), extra.detach())
 
 
 @torch.no_grad()

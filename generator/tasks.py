@@ -6,6 +6,13 @@ every budget**: item ``j`` is (image ``j % N``, budget ``budgets[j // N]``), so 
 ``N x n_budgets`` sequences and the trainer's shuffled batches mix budgets (and images) freely.
 Items are padded to the longest budget; :func:`collate_tokens` trims a batch to its own longest.
 
+**Data modes** (``mode``, with the cache's adaptive ``(ids, length)`` pairs, each image at the length its
+reconstruction needed by token-count selection): ``all_budgets`` (the default, above), ``adaptive`` (one
+item per image, at its TSC length) or ``mixture``: every all-budgets item plus
+``round(w / (1 - w) * N * n_budgets)`` adaptive items cycling over the images, so a fraction
+``w = adaptive_weight`` of the epoch's sequences are adaptive ones. Adaptive items carry a fourth field
+``chosen`` (True: this length is the image's TSC choice), which is what the length model learns from.
+
 Usage (tiny CPU run)::
 
     model = MaskGIT(maskgit_config("tiny", codebook_size=K, tokens_per_iter=8, num_budgets=2, num_classes=10))
@@ -32,8 +39,8 @@ from tokenizer.core.trainer import Phase
 
 from .ar import AR, AR_SIZES, ar_config, ar_loss, ar_nll
 from .maskgit import MASKGIT_SIZES, MaskGIT, maskgit_config, maskgit_loss, maskgit_nll
-from .tokens import NO_LABEL, PAD_ID, TokenBatch
-from .transformer import Prior, PriorLoss, read_pretrained_config
+from .tokens import NO_LABEL, PAD_ID, TokenBatch, estimate_budget_probs, lengths_to_mask
+from .transformer import Prior, PriorLoss, cross_entropy_bits, read_pretrained_config
 
 PRIORS: dict[str, type[Prior]] = {"maskgit": MaskGIT, "ar": AR}
 CONFIGS = {"maskgit": maskgit_config, "ar": ar_config}
@@ -102,6 +109,9 @@ def _min_max(v: IdArray) -> tuple[int, int] | None:
     return None if lo is None else (lo, hi)
 
 
+DATA_MODES = ("all_budgets", "adaptive", "mixture")
+
+
 class TokenDataset(Dataset):
     """Code ids of N images at several budgets; one item per (image, budget) (see the module docstring).
 
@@ -111,9 +121,15 @@ class TokenDataset(Dataset):
     (:class:`generator.shards.ShardedArray`, e.g. from :func:`generator.shards.open_token_cache`): they are
     kept as they are, never copied, and each item reads its one row; :meth:`subset` and :meth:`split` of
     such a dataset are views holding an index of image rows.
+
+    ``adaptive_ids (N, max_budget)`` (PAD beyond each length) and ``adaptive_lengths (N,)`` are the token
+    cache's TSC choices; with them ``mode`` may be ``adaptive`` or ``mixture`` (module docstring), whose
+    items are ``(ids, length, label, chosen () bool)``.
     """
 
-    def __init__(self, ids_by_budget: dict[int, IdArray], labels: torch.Tensor | None = None) -> None:
+    def __init__(self, ids_by_budget: dict[int, IdArray], labels: torch.Tensor | None = None,
+                 adaptive_ids: IdArray | None = None, adaptive_lengths: torch.Tensor | None = None,
+                 mode: str = "all_budgets", adaptive_weight: float = 0.5) -> None:
         if not ids_by_budget:
             raise ValueError("ids_by_budget is empty: pass {budget: LongTensor (N, budget)}")
         self.budgets = sorted(int(b) for b in ids_by_budget)
@@ -141,20 +157,74 @@ class TokenDataset(Dataset):
             raise ValueError(f"labels must have shape ({self.num_images},), got {tuple(labels.shape)}")
         self.labels = labels.long()
         self.max_len = max(self.budgets)
+        self._set_adaptive(adaptive_ids, adaptive_lengths, dtype)
+        self._set_mode(mode, adaptive_weight)
+
+    def _set_adaptive(self, ids: IdArray | None, lengths: torch.Tensor | None, dtype: torch.dtype) -> None:
+        if (ids is None) != (lengths is None):
+            raise ValueError("pass adaptive_ids and adaptive_lengths together (both from the token cache)")
+        self.adaptive_ids, self.adaptive_lengths = None, None
+        if ids is None or lengths is None:
+            return
+        lengths = torch.as_tensor(lengths).long()
+        if tuple(ids.shape) != (self.num_images, self.max_len) or not _is_integer(ids):
+            raise ValueError(f"adaptive_ids must be an integer array (N, max budget) = ({self.num_images}, "
+                             f"{self.max_len}), got {ids.dtype} {tuple(ids.shape)}")
+        if lengths.shape != (self.num_images,):
+            raise ValueError(f"adaptive_lengths must have shape ({self.num_images},), got {tuple(lengths.shape)}")
+        bad = ~torch.isin(lengths, torch.tensor(self.budgets))
+        if bool(bad.any()):
+            raise ValueError(f"adaptive length {int(lengths[bad][0])} is not one of the budgets {self.budgets}")
+        self.adaptive_ids = ids.to(dtype).contiguous() if torch.is_tensor(ids) else ids
+        self.adaptive_lengths = lengths
+
+    def _set_mode(self, mode: str, weight: float) -> None:
+        if mode not in DATA_MODES:
+            raise ValueError(f"unknown data mode {mode!r}; choose one of {list(DATA_MODES)}")
+        if mode != "all_budgets" and self.adaptive_lengths is None:
+            raise ValueError(f"data mode {mode!r} needs the token cache's adaptive ids and lengths: tokenize with "
+                             "`alit tokenize --adaptive-threshold 0.07`, or use data_mode=all_budgets")
+        if mode == "mixture" and not 0 < weight < 1:
+            raise ValueError(f"adaptive_weight must be in (0, 1) for data_mode=mixture, got {weight}")
+        self.mode, self.adaptive_weight = mode, float(weight)
+        self.num_all = 0 if mode == "adaptive" else self.num_images * len(self.budgets)  # all-budgets items
+        if mode == "all_budgets":
+            self.num_adaptive = 0
+        elif mode == "adaptive":
+            self.num_adaptive = self.num_images
+        else:
+            self.num_adaptive = max(1, round(weight / (1 - weight) * self.num_all))
+
+    @property
+    def has_adaptive(self) -> bool:
+        """Whether the dataset holds the TSC-chosen (ids, length) pairs."""
+        return self.adaptive_lengths is not None
 
     def __len__(self) -> int:
-        return self.num_images * len(self.budgets)
+        return self.num_all + self.num_adaptive
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
+        if index >= self.num_all:
+            image = (index - self.num_all) % self.num_images
+            b = int(self.adaptive_lengths[image])  # type: ignore[index]
+            ids = torch.full((self.max_len,), PAD_ID, dtype=torch.long)
+            ids[:b] = _rows(self.adaptive_ids, image)[:b]
+            return ids, torch.tensor(b), self.labels[image], torch.tensor(True)
         image, b = index % self.num_images, self.budgets[index // self.num_images]
         ids = torch.full((self.max_len,), PAD_ID, dtype=torch.long)
         ids[:b] = _rows(self.ids[b], image)
-        return ids, torch.tensor(b), self.labels[image]
+        if self.mode == "all_budgets":
+            return ids, torch.tensor(b), self.labels[image]
+        return ids, torch.tensor(b), self.labels[image], torch.tensor(False)
 
     def subset(self, images: torch.Tensor) -> TokenDataset:
         """The dataset of the given image indices (all budgets); of a mapped dataset, a view (no ids copied)."""
         images = torch.as_tensor(images)
-        return TokenDataset({b: _select(v, images) for b, v in self.ids.items()}, self.labels[images])
+        adaptive = (None, None)
+        if self.adaptive_ids is not None and self.adaptive_lengths is not None:
+            adaptive = (_select(self.adaptive_ids, images), self.adaptive_lengths[images])
+        return TokenDataset({b: _select(v, images) for b, v in self.ids.items()}, self.labels[images], *adaptive,
+                            mode=self.mode, adaptive_weight=self.adaptive_weight)
 
     def split(self, num_val: int, seed: int = 0) -> tuple[TokenDataset, TokenDataset]:
         """``(train, val)`` by image (an image's budgets never straddle the split), seeded."""
@@ -170,15 +240,26 @@ class TokenDataset(Dataset):
                 ids = _rows(self.ids[b], slice(start, start + batch_size)).long()  # (B, b)
                 yield b, TokenBatch(ids, torch.full((len(ids),), b), self.labels[start: start + batch_size])
 
+    def adaptive_batches(self, batch_size: int) -> Iterator[TokenBatch]:
+        """The TSC-chosen ``(ids, length)`` pairs in image order, padded to each batch's longest."""
+        if self.adaptive_ids is None or self.adaptive_lengths is None:
+            raise ValueError("this dataset holds no adaptive ids (pass adaptive_ids and adaptive_lengths)")
+        for start in range(0, self.num_images, batch_size):
+            lengths = self.adaptive_lengths[start: start + batch_size]
+            n = int(lengths.max())
+            ids = _rows(self.adaptive_ids, slice(start, start + batch_size))[:, :n].long()  # (B, n)
+            ids = ids.masked_fill(~lengths_to_mask(lengths, n), PAD_ID)
+            yield TokenBatch(ids, lengths, self.labels[start: start + batch_size])
 
-def collate_tokens(items: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Stack items into ``(ids (B, L), lengths (B,), labels (B,))`` trimmed to the batch's longest sequence.
+
+def collate_tokens(items: list[tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
+    """Stack items into ``(ids (B, L), lengths (B,), labels (B,))`` trimmed to the batch's longest sequence
+    (and ``chosen (B,)`` bool when the items carry it: adaptive or mixture data).
 
     A plain tuple (the trainer rebuilds batches with ``type(batch)(...)`` when moving them to the device).
     """
-    ids, lengths, labels = (torch.stack(x) for x in zip(*items))
-    return ids[:, : int(lengths.max())], lengths, labels
+    ids, lengths, *rest = (torch.stack(x) for x in zip(*items))
+    return (ids[:, : int(lengths.max())], lengths, *rest)
 
 
 # ============================================================================ baseline
@@ -209,6 +290,24 @@ def unigram_bits_per_token(train_ids: IdArray | Iterable[IdArray], val_ids: IdAr
     if not int(val.sum()):
         raise ValueError("val_ids holds no tokens")
     return float(-(val.double() * logp).sum() / val.sum())
+
+
+# ============================================================================ the length model
+@torch.no_grad()
+def length_nll(model: Prior, lengths: torch.Tensor, classes: torch.Tensor | None = None) -> torch.Tensor:
+    """Bits ``(B,)`` of each budget under the prior's length model ``p(budget | class)``."""
+    logits = model.budget_logits(classes, len(lengths))  # (B, n)
+    return cross_entropy_bits(logits, model.space.budget_index(lengths.to(logits.device)))
+
+
+def histogram_length_bits(train_lengths: torch.Tensor, train_labels: torch.Tensor | None,
+                          val_lengths: torch.Tensor, val_labels: torch.Tensor | None, space: Any) -> float:
+    """Held-out bits per image of the histogram baseline (add-one per-class TSC frequencies of the training
+    split, :func:`generator.tokens.estimate_budget_probs`) on the validation split's TSC lengths."""
+    probs = estimate_budget_probs(train_lengths, space, train_labels)  # (C + 1, n)
+    rows = space.condition(val_labels, len(val_lengths), torch.device("cpu"))
+    p = probs[rows, space.budget_index(val_lengths.long())]
+    return float(-p.log2().mean())
 
 
 # ============================================================================ the task
@@ -255,11 +354,16 @@ class PriorTask:
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         return {"model": list(self.model.parameters())}
 
-    def train_step(self, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor], step: int) -> Iterator[Phase]:
-        """One phase: the prior's loss on ``(ids, lengths, labels)`` from :func:`collate_tokens`."""
-        ids, lengths, classes = batch
-        out = LOSS_FNS[self.model.kind](self.model, ids, lengths, classes, packed=self.packed)
-        yield Phase("model", out.loss, {"accuracy": out.accuracy, "tokens": out.num_tokens.float()})
+    def train_step(self, batch: tuple[torch.Tensor, ...], step: int) -> Iterator[Phase]:
+        """One phase: the prior's loss on ``(ids, lengths, labels[, chosen])`` from :func:`collate_tokens`
+        (with ``chosen`` and a length model, the length model's loss on the TSC-chosen rows is added)."""
+        ids, lengths, classes, *rest = batch
+        chosen = rest[0] if rest else None
+        out = LOSS_FNS[self.model.kind](self.model, ids, lengths, classes, packed=self.packed, chosen=chosen)
+        logs = {"accuracy": out.accuracy, "tokens": out.num_tokens.float()}
+        if out.length_loss is not None:
+            logs["length_loss"] = out.length_loss
+        yield Phase("model", out.loss, logs)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, step: int) -> dict[str, float]:
@@ -282,6 +386,32 @@ class PriorTask:
         out = {"bits_per_token": sum(bits.values()) / sum(tokens.values())}
         out.update({f"bits_per_token/{b}": bits[b] / tokens[b] for b in sorted(bits)})
         out["perplexity"] = math.pow(2.0, out["bits_per_token"])
+        if self.val_set.has_adaptive:
+            out.update(self._adaptive_bits(model, device, generator))
+        return out
+
+    def _adaptive_bits(self, model: nn.Module, device: torch.device, generator: torch.Generator) -> dict[str, float]:
+        """Held-out bits of the TSC-chosen pairs: the ids at their chosen lengths (``bits_per_token/adaptive``)
+        and, with a length model, the length choice (``length_bits`` per image, ``length_bits_per_token`` =
+        those bits over the same ids' token count, to read beside the ids' bits/token)."""
+        assert self.val_set is not None
+        ids_bits = length_bits = 0.0
+        tokens = images = 0
+        was_training = model.training
+        model.eval()
+        try:
+            for batch in self.val_set.adaptive_batches(self.eval_batch_size):
+                batch = TokenBatch(*(t.to(device) for t in batch))
+                ids_bits += float(BITS_FNS[model.kind](model, batch, self.maskgit_eval_steps, generator).sum())
+                if model.has_length_model:  # type: ignore[union-attr]
+                    length_bits += float(length_nll(model, batch.lengths, batch.classes).sum())  # type: ignore[arg-type]
+                tokens += int(batch.lengths.sum())
+                images += len(batch.lengths)
+        finally:
+            model.train(was_training)
+        out = {"bits_per_token/adaptive": ids_bits / tokens}
+        if model.has_length_model:  # type: ignore[union-attr]
+            out.update({"length_bits": length_bits / images, "length_bits_per_token": length_bits / tokens})
         return out
 
     def export(self, model: nn.Module, out_dir: Path) -> None:

@@ -211,3 +211,40 @@ def estimate_budget_probs(budgets: torch.Tensor, space: TokenSpace, classes: tor
     if space.num_classes > 0:
         counts[space.null_class] = smoothing + torch.bincount(idx, minlength=space.num_budgets).float()
     return counts / counts.sum(-1, keepdim=True)
+
+
+def draw_budgets(logits: torch.Tensor, space: TokenSpace, temperature: float = 1.0, max_budget: int | None = None,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """Budgets ``(B,)`` drawn from a length model's logits ``(B, n)`` over ``space.budgets``.
+
+    ``temperature`` sharpens (< 1) or flattens (> 1) the choice, 0 takes the most likely budget;
+    ``max_budget`` forbids every budget above it (it must be one of the budgets). One uniform per row,
+    drawn on the generator's device (as :func:`uniform`), so a CPU generator gives the same budgets on any
+    model device.
+    """
+    if logits.ndim != 2 or logits.shape[1] != space.num_budgets:
+        raise ValueError(f"budget logits must be (B, {space.num_budgets}), got {tuple(logits.shape)}")
+    if temperature < 0:
+        raise ValueError(f"budget temperature must be >= 0, got {temperature}")
+    logits = logits.float()
+    if max_budget is not None:
+        if int(max_budget) not in space.budgets:
+            raise ValueError(f"max budget {max_budget} is not one of {space.budgets}")
+        allowed = torch.tensor(space.budgets, device=logits.device) <= int(max_budget)  # (n,)
+        logits = logits.masked_fill(~allowed, float("-inf"))
+    if temperature == 0:
+        idx = logits.argmax(-1)
+    else:
+        cdf = (logits / temperature).softmax(-1).cumsum(-1)  # (B, n)
+        u = uniform(logits.shape[:1], logits.device, generator).clamp_min(1e-12) * cdf[:, -1]  # (B,)
+        idx = torch.searchsorted(cdf, u[:, None].contiguous())[:, 0].clamp_max(space.num_budgets - 1)
+    return (idx + 1) * space.tokens_per_iter
+
+
+def total_variation(p: torch.Tensor, q: torch.Tensor) -> float:
+    """``0.5 * sum |p - q|`` of two distributions (or counts: each is normalised first)."""
+    p, q = p.double(), q.double()
+    if p.shape != q.shape or not float(p.sum()) > 0 or not float(q.sum()) > 0:
+        raise ValueError(f"total_variation needs two non-empty distributions of one shape, got {tuple(p.shape)} "
+                         f"and {tuple(q.shape)}")
+    return float(0.5 * (p / p.sum() - q / q.sum()).abs().sum())

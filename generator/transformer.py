@@ -51,6 +51,7 @@ class PriorConfig:
     heads: int = 12  # attention heads (width must divide by it)
     mlp_ratio: float = 4.0  # MLP hidden width = mlp_ratio * width
     dropout: float = 0.0  # dropout on attention/MLP outputs and embeddings
+    length_model: bool = False  # a budget head on the class token: p(budget | class) (see Prior.budget_logits)
 
     def __post_init__(self) -> None:
         self.token_space()  # validates codebook_size, tokens_per_iter, num_budgets, num_classes
@@ -201,6 +202,11 @@ class Prior(nn.Module):
         self.transformer = Transformer(cfg.width, cfg.depth, cfg.heads, cfg.mlp_ratio, cfg.dropout)
         self.head = nn.Linear(cfg.width, cfg.codebook_size)
         self._init_weights(cfg.depth)
+        # registered after the init above, so a prior without a length model is initialised as before
+        self.budget_head = nn.Linear(cfg.width, cfg.num_budgets) if cfg.length_model else None
+        if self.budget_head is not None:
+            nn.init.zeros_(self.budget_head.weight)  # uniform over budgets at init
+            nn.init.zeros_(self.budget_head.bias)
 
     def _init_weights(self, depth: int) -> None:
         """All initialisation in one place: N(0, 0.02), residual projections scaled by 1/sqrt(2 depth)."""
@@ -230,6 +236,41 @@ class Prior(nn.Module):
     def embed(self, ids: torch.Tensor, classes: torch.Tensor | None, budgets: torch.Tensor) -> torch.Tensor:
         """``[class, budget, ids...]`` embedded: ``ids (B, N)`` -> ``(B, 2 + N, W)``."""
         return self.drop(torch.cat([self.embed_prefix(classes, budgets.to(ids.device)), self.embed_slots(ids)], 1))
+
+    # ------------------------------------------------------------------ the length model
+    @property
+    def has_length_model(self) -> bool:
+        """Whether this prior chooses budgets itself (``config.length_model``)."""
+        return self.budget_head is not None
+
+    def require_length_model(self) -> nn.Linear:
+        if self.budget_head is None:
+            raise ValueError(f"this {self.kind} prior has no length model (length_model=false: trained with "
+                             "data_mode=all_budgets): draw budgets from the token cache's TSC histogram "
+                             "(--length-model histogram) or retrain it with data_mode=adaptive|mixture")
+        return self.budget_head
+
+    def budget_logits(self, classes: torch.Tensor | None, batch: int | None = None,
+                      cache: KVCache | None = None) -> torch.Tensor:
+        """``p(budget | class)``: logits ``(B, n)`` over ``space.budgets`` from the class token alone.
+
+        The length model is a linear head on the transformer's output at the class token of a class-only
+        sequence ``[class]``. For the AR prior that *is* position 0 of its causal forward (the class token
+        sees only itself), so training reads it from the same forward and decoding emits the budget token
+        first, then the ids; with a ``cache`` the class position is stored for the decoding that follows.
+        MaskGIT's attention is bidirectional (its class token sees the budget and the ids), so it runs this
+        one-token sequence separately: one token per sequence, the same class embedding and transformer.
+        This design, rather than a separate tiny categorical model, keeps one length model for both kinds
+        and lets the head share what the transformer learns about each class.
+        """
+        head = self.require_length_model()
+        n = batch if batch is not None else (len(classes) if classes is not None else None)
+        if n is None:
+            raise ValueError("budget_logits: pass classes or batch")
+        device = self.class_emb.weight.device
+        cond = self.space.condition(classes, n, device)
+        h = self.transformer(self.drop(self.class_emb(cond)[:, None]), causal=True, cache=cache)  # (B, 1, W)
+        return head(h[:, 0])  # (B, n)
 
     def run(self, x: torch.Tensor, mask: torch.Tensor, causal: bool, packed: bool) -> torch.Tensor:
         """The transformer over ``x (B, N, W)`` with real positions ``mask (B, N)``, padded or packed."""
@@ -270,8 +311,16 @@ class PriorLoss:
     loss: torch.Tensor  # scalar, mean cross-entropy (nats) over the scored tokens
     accuracy: torch.Tensor  # scalar, top-1 accuracy on the scored tokens
     num_tokens: torch.Tensor  # scalar int64: tokens scored (masked ones for MaskGIT, all real ones for AR)
+    length_loss: torch.Tensor | None = None  # scalar: the length model's cross-entropy (nats per sequence)
 
 
+def length_loss(budget_logits: torch.Tensor, lengths: torch.Tensor, chosen: torch.Tensor,
+                space: TokenSpace) -> torch.Tensor:
+    """Mean cross-entropy (nats) of the length model over the sequences whose length is a TSC choice
+    (``chosen (B,)`` bool); 0 (with a graph, so every rank's parameters get a gradient) when there are none."""
+    ce = F.cross_entropy(budget_logits.float(), space.budget_index(lengths), reduction="none")  # (B,)
+    chosen = chosen.to(ce.dtype)
+    return (ce * chosen).sum() / chosen.sum().clamp_min(1.0)
 
 
 def read_pretrained_config(path: str | Path) -> dict[str, Any]:
