@@ -1,13 +1,19 @@
 """The project's dev Slurm cluster from Python, and the check that a Slurm client is installed.
 
-``slurm/cluster.sh`` does the work (one real single-node Slurm on localhost, started without systemd,
-stopped by saved PID); :class:`DevCluster` runs it::
+``slurm/cluster.sh`` does the work (one real Slurm on this machine, started without systemd, stopped by
+saved PID: a single node on localhost, or with ``nodes=2`` a separate cluster whose two compute nodes
+``alitn1``/``alitn2`` run each in its own network namespace); :class:`DevCluster` runs it::
 
     cluster = DevCluster()            # directory: $ALIT_SLURM_DIR or <tempdir>/alit-slurm
     cluster.install()                 # apt-get the packages if missing (root, Debian/Ubuntu)
     os.environ.update(cluster.start())  # {"SLURM_CONF": ".../etc/slurm.conf"}
     ...                               # sbatch / srun / submitit
     cluster.stop()
+
+    two = DevCluster(nodes=2)         # directory <tempdir>/alit-slurm2n, ports 6827-6830: runs beside it
+
+The directory is made fresh with mode 0700 and a marker file (the creating uid); the script refuses
+(exit 2, :class:`ClusterError` here) a directory that exists without it, and never deletes one.
 """
 
 from __future__ import annotations
@@ -24,6 +30,10 @@ from tokenizer.core.errors import UserError
 
 SCRIPT = Path(__file__).with_name("cluster.sh")
 DEFAULT_DIR = os.path.join(tempfile.gettempdir(), "alit-slurm")  # short: unix socket paths < 108 bytes
+DEFAULT_DIR_2N = os.path.join(tempfile.gettempdir(), "alit-slurm2n")  # the two-node cluster's
+TWO_NODE_NAMES = ("alitn1", "alitn2")  # the two-node cluster's nodes (= their hostnames inside the namespaces)
+MARKER = ".alit-slurm-dir"  # the file cluster.sh writes into a directory it creates
+REFUSED = 2  # cluster.sh's exit status when it refuses a directory it did not create
 
 NO_SBATCH = ("no sbatch found: install Slurm or use --cluster local/debug; for a laptop dev cluster run "
              "`bash slurm/cluster.sh install && eval $(bash slurm/cluster.sh start)`")
@@ -59,6 +69,7 @@ class DevCluster:
     """One dev cluster: its directory and settings (``None`` = the script's default)."""
 
     directory: str | Path | None = None  # all config, state, logs and sockets; keep it short (< ~55 chars)
+    nodes: int = 1  # 1: node "localhost"; 2: nodes alitn1 + alitn2 in network namespaces (own dir and ports)
     accounting: bool = True  # run mariadbd + slurmdbd so that sacct (and so submitit's job states) works
     cpus: int | None = None  # CPUs the node advertises (more than the hardware lets more jobs run at once)
     port_base: int | None = None  # slurmctld port; slurmd, slurmdbd and mariadbd use the next three
@@ -67,7 +78,11 @@ class DevCluster:
     timeout_s: float = 300.0  # limit for one script call (install may download packages)
 
     def __post_init__(self) -> None:
-        self.directory = Path(self.directory or os.environ.get("ALIT_SLURM_DIR") or DEFAULT_DIR)
+        if self.nodes not in (1, 2):
+            raise ValueError(f"DevCluster.nodes must be 1 or 2, got {self.nodes}")
+        # $ALIT_SLURM_DIR names the single-node cluster's directory; the two-node one has its own default
+        default = (os.environ.get("ALIT_SLURM_DIR") or DEFAULT_DIR) if self.nodes == 1 else DEFAULT_DIR_2N
+        self.directory = Path(self.directory or default)
         if len(str(self.directory)) > 55:
             raise ValueError(f"DevCluster.directory '{self.directory}' is too long for unix socket paths: "
                              "use a path under ~55 characters (e.g. <tempdir>/alit-slurm)")
@@ -80,7 +95,7 @@ class DevCluster:
         return Path(self.directory) / "etc" / "slurm.conf"
 
     def _env(self) -> dict[str, str]:
-        env = dict(os.environ, ALIT_SLURM_DIR=str(self.directory),
+        env = dict(os.environ, ALIT_SLURM_DIR=str(self.directory), ALIT_SLURM_NODES=str(self.nodes),
                    ALIT_SLURM_ACCOUNTING="1" if self.accounting else "0", ALIT_SLURM_SMOKE="1" if self.smoke else "0")
         for name, value in (("ALIT_SLURM_CPUS", self.cpus), ("ALIT_SLURM_PORT_BASE", self.port_base),
                             ("ALIT_SLURM_PARTITION", self.partition)):
@@ -128,6 +143,11 @@ class DevCluster:
     def is_up(self) -> bool:
         """Whether every daemon of this cluster runs (a check that needs root when root started them)."""
         return self.run("status", check=False).returncode == 0
+
+    @property
+    def node_names(self) -> tuple[str, ...]:
+        """The cluster's node names."""
+        return TWO_NODE_NAMES if self.nodes == 2 else ("localhost",)
 
     def answers(self) -> bool:
         """Whether this cluster's controller answers (what a user can check of a cluster root started)."""
