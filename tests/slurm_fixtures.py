@@ -7,6 +7,11 @@ one with ``slurm/cluster.sh``) and leaves it running; otherwise it installs the 
 (root, apt-get), starts one, exports ``SLURM_CONF`` and stops it at the end of the session. When no
 cluster can be had, the Slurm tests are skipped with the reason (shown by ``-ra``), or fail when
 ``ALIT_REQUIRE_SLURM=1`` or ``CI=true`` (set by CI), so a broken cluster cannot pass as "skipped".
+
+:func:`two_node_cluster` does the same for the separate two-node cluster (``ALIT_SLURM_NODES=2``: nodes
+alitn1/alitn2 in network namespaces, its own directory and ports), used if up, else started for the
+session (about 3 s) and stopped at its end. It does not export ``SLURM_CONF``: a test points its jobs
+at it with ``monkeypatch.setenv("SLURM_CONF", ...)``.
 """
 
 from __future__ import annotations
@@ -68,6 +73,33 @@ def slurm_cluster() -> Iterator[DevCluster]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+        if started_here:
+            cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def two_node_cluster() -> Iterator[tuple[DevCluster, dict[str, str]]]:
+    """The two-node dev cluster (started here if it is not up) and its variables (``SLURM_CONF``)."""
+    cluster = DevCluster(nodes=2, cpus=max(MIN_TEST_CPUS, os.cpu_count() or 1))
+    started_here = False
+    if os.geteuid() != 0:
+        _unavailable("the two-node cluster needs root (network namespaces)")
+    if cluster.is_up():
+        env = cluster.env()
+    else:
+        if shutil.which("ip") is None or shutil.which("unshare") is None or shutil.which("nsenter") is None:
+            _unavailable("the two-node cluster needs iproute2 (ip) and util-linux (unshare, nsenter)")
+        try:
+            cluster.install()
+            env = cluster.start()
+        except ClusterError as e:
+            with contextlib.suppress(ClusterError):
+                cluster.stop()
+            _unavailable(f"two-node cluster: {e}")
+        started_here = True
+    try:
+        yield cluster, env
+    finally:
         if started_here:
             cluster.stop()
 
