@@ -7,6 +7,13 @@ position through the transformer (KV cache); ``use_cache=False`` recomputes the 
 paths consume the generator identically, so they give the same tokens. Mixed budgets decode together
 up to the largest budget; each row is cut at its own budget (later slots never influence earlier ones).
 
+**Generated budgets.** ``sample(model, None, classes)`` lets a prior with a length model choose: the class
+token runs first and its output gives ``p(budget | class)`` (:meth:`~generator.transformer.Prior.budget_logits`),
+a budget is drawn (``budget_temperature``, at most ``max_budget``; from the conditional logits, also under
+guidance), its token is fed next and the ids follow; each row stops at its emitted budget. With the KV cache
+the class position computed for the budget is the cache's first entry, so both paths consume the same
+randomness and give the same tokens and budgets.
+
 Example::
 
     sampler = ARSampler(temperature=1.0, top_k=600, top_p=0.95, cfg_scale=1.5)
@@ -16,12 +23,13 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from generator.ar import AR
-from generator.tokens import PAD_ID, TokenBatch, lengths_to_mask
+from generator.tokens import PAD_ID, TokenBatch, draw_budgets, lengths_to_mask
 
 from .schedules import (
     Sampler,
@@ -30,6 +38,7 @@ from .schedules import (
     cfg_combine,
     check_guidance,
     filter_logits,
+    resolve_request,
     sample_tokens,
     step_fraction,
 )
@@ -44,11 +53,15 @@ class ARSampler(Sampler):
     top_p: float = 1.0  # nucleus: keep the smallest set with this probability (1 = all)
     cfg_scale: float | ValueSchedule = 0.0  # guidance: cond + scale (cond - uncond); 0 = no guidance
     use_cache: bool = True  # KV cache (same tokens as recomputing the prefix, faster)
+    budget_temperature: float = 1.0  # generated budgets: temperature of p(budget | class) (0 = most likely)
+    max_budget: int | None = None  # generated budgets: none above this one
 
     def __post_init__(self) -> None:
         if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
             raise ValueError(f"need temperature >= 0, top_k >= 0, 0 < top_p <= 1; got {self.temperature}, "
                              f"{self.top_k}, {self.top_p}")
+        if self.budget_temperature < 0:
+            raise ValueError(f"budget_temperature must be >= 0, got {self.budget_temperature}")
         self.cfg_scale = as_value_schedule(self.cfg_scale)
 
     def step(self, logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -58,19 +71,37 @@ class ARSampler(Sampler):
         filtered = filter_logits(logits.float() / self.temperature, self.top_k, self.top_p)  # (B, K)
         return sample_tokens(filtered, 1.0, generator)
 
+    @torch.no_grad()
+    def sample(self, model: AR, budgets: int | Sequence[int] | torch.Tensor | None,  # type: ignore[override]
+               classes: torch.Tensor | Sequence[int] | None = None, *, generator: torch.Generator | None = None,
+               batch_size: int | None = None) -> TokenBatch:
+        """:meth:`~sampling.schedules.Sampler.sample`; ``budgets=None``: the prior's length model chooses."""
+        if budgets is not None:
+            return super().sample(model, budgets, classes, generator=generator, batch_size=batch_size)
+        model.require_length_model()
+        device = next(model.parameters()).device
+        lengths, cond = resolve_request(model.space, model.space.max_budget, classes, batch_size, device)
+        return self.decode(model, lengths, cond, generator, choose=True)
+
     def decode(self, model: AR, lengths: torch.Tensor, cond: torch.Tensor,
-               generator: torch.Generator | None) -> TokenBatch:
-        """The decoding loop of :meth:`~sampling.schedules.Sampler.sample`: one slot per step."""
+               generator: torch.Generator | None, choose: bool = False) -> TokenBatch:
+        """The decoding loop of :meth:`~sampling.schedules.Sampler.sample`: one slot per step (``choose``:
+        the budget token first, drawn from the length model; ``lengths`` are then replaced)."""
         space = model.space
-        device = lengths.device
-        n = int(lengths.max())
+        n = space.max_budget if choose else int(lengths.max())
         scales = [self.cfg_scale(step_fraction(t, n)) for t in range(n)]
-        guided = any(scales)
+        guided = any(scales)  # with generated budgets: whether any budget could be guided (decided before them)
         check_guidance(space, scales)
         # with guidance the unconditional rows run along for the whole sequence (they share the cache)
         cls_in = torch.cat([cond, torch.full_like(cond, space.null_class)]) if guided else cond
-        bud_in = lengths.repeat(2) if guided else lengths
         cache = model.new_cache() if self.use_cache else None
+        if choose:  # the class token first: its output is p(budget | class) (and the cache's first entry)
+            logits = model.budget_logits(cls_in, cache=cache)[: len(cond)]  # conditional rows (B, n)
+            lengths = draw_budgets(logits, space, self.budget_temperature, self.max_budget, generator).to(cond.device)
+            n = int(lengths.max())  # the guidance schedule runs over the emitted budgets, as for given ones
+            scales = [self.cfg_scale(step_fraction(t, n)) for t in range(n)]
+        device = lengths.device
+        bud_in = lengths.repeat(2) if guided else lengths
         ids = torch.zeros(len(lengths), 0, dtype=torch.long, device=device)  # (B, t)
         for t in range(n):
             logits = model.next_logits(ids.repeat(2, 1) if guided else ids, cls_in, bud_in, cache)  # (B or 2B, K)

@@ -7,6 +7,11 @@ log-probability under ``softmax(guided)`` plus ``choice_temperature`` x Gumbel n
 choice temperature), and keeps the candidates except the lowest-scoring ones, which stay masked so
 that ``mask_counts`` slots remain. After the last step every real slot holds a code id in [0, K).
 
+**Generated budgets.** ``sample(model, None, classes)`` lets a prior with a length model choose: a budget
+per row is drawn from ``p(budget | class)`` (:meth:`~generator.transformer.Prior.budget_logits`, a class-only
+pass; ``budget_temperature``, at most ``max_budget``), then the ids are decoded at those budgets exactly as
+for given budgets (the same randomness after the budget draw, padded rows as in any mixed batch).
+
 Example::
 
     sampler = MaskGITSampler(steps=8, schedule=cosine, choice_temperature=Ramp(4.5, 0.0), cfg_scale=2.0)
@@ -17,12 +22,13 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from generator.maskgit import MaskGIT, Schedule, cosine, mask_counts
-from generator.tokens import PAD_ID, TokenBatch, lengths_to_mask
+from generator.tokens import PAD_ID, TokenBatch, draw_budgets, lengths_to_mask
 
 from .schedules import (
     Ramp,
@@ -32,6 +38,7 @@ from .schedules import (
     cfg_combine,
     check_guidance,
     gumbel,
+    resolve_request,
     sample_tokens,
     step_fraction,
 )
@@ -46,13 +53,35 @@ class MaskGITSampler(Sampler):
     temperature: float | ValueSchedule = 1.0  # candidate sampling temperature (0 = argmax)
     choice_temperature: float | ValueSchedule = field(default_factory=lambda: Ramp(4.5, 0.0))  # confidence noise
     cfg_scale: float | ValueSchedule = 0.0  # guidance: cond + scale (cond - uncond); 0 = no guidance
+    budget_temperature: float = 1.0  # generated budgets: temperature of p(budget | class) (0 = most likely)
+    max_budget: int | None = None  # generated budgets: none above this one
 
     def __post_init__(self) -> None:
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.budget_temperature < 0:
+            raise ValueError(f"budget_temperature must be >= 0, got {self.budget_temperature}")
         self.temperature = as_value_schedule(self.temperature)
         self.choice_temperature = as_value_schedule(self.choice_temperature)
         self.cfg_scale = as_value_schedule(self.cfg_scale)
+
+    @torch.no_grad()
+    def sample(self, model: MaskGIT, budgets: int | Sequence[int] | torch.Tensor | None,  # type: ignore[override]
+               classes: torch.Tensor | Sequence[int] | None = None, *, generator: torch.Generator | None = None,
+               batch_size: int | None = None) -> TokenBatch:
+        """:meth:`~sampling.schedules.Sampler.sample`; ``budgets=None``: the prior's length model chooses."""
+        if budgets is not None:
+            return super().sample(model, budgets, classes, generator=generator, batch_size=batch_size)
+        model.require_length_model()
+        device = next(model.parameters()).device
+        _, cond = resolve_request(model.space, model.space.max_budget, classes, batch_size, device)
+        lengths = self.choose_budgets(model, cond, generator)
+        return self.decode(model, lengths, cond, generator)
+
+    def choose_budgets(self, model: MaskGIT, cond: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """Budgets ``(B,)`` drawn from the length model for class ids ``cond (B,)``."""
+        logits = model.budget_logits(cond)  # (B, n)
+        return draw_budgets(logits, model.space, self.budget_temperature, self.max_budget, generator).to(cond.device)
 
     def mask_counts(self, lengths: torch.Tensor) -> torch.Tensor:
         """Masked slots before step 0 and after every step: int64 ``(steps + 1, B)``."""
