@@ -247,6 +247,10 @@ install() {
         pkgs+=" slurmdbd mariadb-server"
         bins+=" slurmdbd mariadbd mariadb-install-db"
     fi
+    if two_nodes; then # ip netns + veth + bridge; nsenter and unshare come with util-linux
+        pkgs+=" iproute2"
+        bins+=" ip nsenter unshare"
+    fi
     for b in $bins; do command -v "$b" >/dev/null || missing=1; done
     if ((missing == 0)); then
         log "packages already installed"
@@ -517,6 +521,17 @@ setup_net() {
     if ! recorded "link $BRIDGE" && [[ -n $(ip -4 route show "$NET.0/24" 2>/dev/null) ]]; then
         refuse "the machine already routes $NET.0/24: set ALIT_SLURM_NET to an unused /24"
     fi
+    # refuse before creating anything: a same-named object this cluster did not create is left alone
+    link_exists "$BRIDGE" && ! recorded "link $BRIDGE" &&
+        refuse "a network interface '$BRIDGE' exists that this cluster did not create: leaving it alone"
+    for n in "${NODE_NAMES[@]}"; do
+        i=$((i + 1))
+        netns_exists "$n" && ! recorded "netns $n" &&
+            refuse "a network namespace '$n' exists that this cluster did not create: leaving it alone"
+        link_exists "alitv$i" && ! recorded "link alitv$i" &&
+            refuse "a network interface 'alitv$i' exists that this cluster did not create: leaving it alone"
+    done
+    i=0
     if ! link_exists "$BRIDGE"; then
         recorded "link $BRIDGE" || record "link $BRIDGE"
         ip link add "$BRIDGE" type bridge || die "cannot create the bridge $BRIDGE (needs CAP_NET_ADMIN)"
@@ -661,7 +676,7 @@ start() {
     ((${#probe} <= 107)) || die "ALIT_SLURM_DIR '$DIR' is too long for unix socket paths: keep it under ~55 chars"
     if two_nodes; then
         command -v ip >/dev/null || die "two nodes need iproute2's 'ip' (apt-get install iproute2)"
-        command -v unshare >/dev/null || die "two nodes need util-linux's 'unshare'"
+        command -v unshare >/dev/null && command -v nsenter >/dev/null || die "two nodes need util-linux's 'unshare' and 'nsenter'"
     fi
     claim_dir
     lock
