@@ -387,10 +387,10 @@ class PriorTask:
         out.update({f"bits_per_token/{b}": bits[b] / tokens[b] for b in sorted(bits)})
         out["perplexity"] = math.pow(2.0, out["bits_per_token"])
         if self.val_set.has_adaptive:
-            out.update(self._adaptive_bits(model, device, generator))
+            out.update(self.adaptive_bits(model, device, generator))
         return out
 
-    def _adaptive_bits(self, model: nn.Module, device: torch.device, generator: torch.Generator) -> dict[str, float]:
+    def adaptive_bits(self, model: nn.Module, device: torch.device, generator: torch.Generator) -> dict[str, float]:
         """Held-out bits of the TSC-chosen pairs: the ids at their chosen lengths (``bits_per_token/adaptive``)
         and, with a length model, the length choice (``length_bits`` per image, ``length_bits_per_token`` =
         those bits over the same ids' token count, to read beside the ids' bits/token)."""

@@ -24,9 +24,13 @@ when every shard file is present, they are merged into ``samples.npz``, which is
 file an unsharded run writes. The result depends on ``(seed, chunk_size, num_images)`` and the
 settings, never on the sharding. Class ``c`` of image ``i`` in round-robin mode is ``i % C``.
 
-**Adaptive budgets.** ``budget="adaptive"`` draws each image's budget from a per-class distribution
-``(C + 1, n)`` (:func:`generator.tokens.sample_budgets`), by default the training split's token-count
-selection (TSC) lengths in the prior's token cache (:func:`budget_probs_from_cache`).
+**Adaptive budgets.** ``budget="adaptive"`` lets each image's budget be chosen per sample. With
+``length_model="learned"`` (the default) the prior's own length model ``p(budget | class)`` chooses it
+(a prior trained with ``data_mode=adaptive|mixture``; ``budget_temperature`` and ``max_budget`` bias the
+choice), folder ``adaptive-learned-...``. ``length_model="histogram"`` is the explicit baseline: budgets
+drawn from a per-class distribution ``(C + 1, n)`` (:func:`generator.tokens.sample_budgets`), by default the
+training split's token-count selection (TSC) lengths in the prior's token cache
+(:func:`budget_probs_from_cache`), folder ``adaptive-...`` as before.
 
 Usage::
 
@@ -70,6 +74,7 @@ from .ar_sampler import ARSampler
 from .maskgit_sampler import MaskGITSampler
 
 ADAPTIVE = "adaptive"  # the budget of per-image budgets (drawn for samples, chosen by TSC for reconstructions)
+LENGTH_MODELS = ("learned", "histogram")  # who chooses adaptive budgets: the prior's length model, or the TSC histogram
 DEFAULT_CHUNK_SIZE = 32
 SAMPLES = "samples"  # file stem of generated image sets
 RECONSTRUCTIONS = "reconstructions"  # file stem of reconstructed image sets
@@ -263,8 +268,19 @@ class SampleSettings:
     chunk_size: int = DEFAULT_CHUNK_SIZE  # images per chunk (= per model batch); part of the result's identity
     top_k: int = 0  # AR only: keep the k most likely ids (0 = all)
     top_p: float = 1.0  # AR only: nucleus mass (1 = all)
+    length_model: str = "learned"  # adaptive: "learned" (the prior's p(budget | class)) or "histogram" (TSC)
+    budget_temperature: float = 1.0  # adaptive, learned: temperature of p(budget | class) (0 = most likely)
+    max_budget: int | None = None  # adaptive, learned: no budget above this one
 
     def __post_init__(self) -> None:
+        if self.length_model not in LENGTH_MODELS:
+            raise ValueError(f"length_model must be one of {list(LENGTH_MODELS)}, got {self.length_model!r}")
+        if self.budget_temperature < 0:
+            raise ValueError(f"budget temperature must be >= 0, got {self.budget_temperature}")
+        if (self.budget_temperature != 1.0 or self.max_budget is not None) and not (
+                self.budget == ADAPTIVE and self.length_model == "learned"):
+            raise ValueError("--budget-temperature and --max-budget bias the learned length model: use them with "
+                             "--budgets adaptive and --length-model learned")
         if self.budget != ADAPTIVE and (isinstance(self.budget, bool) or not isinstance(self.budget, int)
                                         or self.budget < 1):
             raise ValueError(f"budget must be a positive token count or 'adaptive', got {self.budget!r}")
@@ -281,12 +297,28 @@ class SampleSettings:
         if isinstance(self.classes, int) and self.classes < 0:
             raise ValueError(f"a class id is >= 0, got {self.classes} (use 'none' for the null class)")
 
+    @property
+    def learned(self) -> bool:
+        """Adaptive budgets chosen by the prior's length model."""
+        return self.budget == ADAPTIVE and self.length_model == "learned"
+
     def folder_name(self) -> str:
-        """``budget032-cfg1.5-seed0`` / ``adaptive-cfg1.5-seed0``."""
-        return f"{budget_label(self.budget)}-cfg{self.cfg_scale:g}-seed{self.seed}"
+        """``budget032-cfg1.5-seed0`` / ``adaptive-cfg1.5-seed0`` (histogram) / ``adaptive-learned-cfg1.5-seed0``
+        (``-bt0.8``, ``-max64`` when the learned choice is biased)."""
+        label = budget_label(self.budget)
+        if self.learned:
+            label += "-learned" + (f"-bt{self.budget_temperature:g}" if self.budget_temperature != 1.0 else "") \
+                + (f"-max{self.max_budget}" if self.max_budget is not None else "")
+        return f"{label}-cfg{self.cfg_scale:g}-seed{self.seed}"
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The request (the length-model fields only for adaptive budgets, so fixed-budget requests and their
+        folders and caches are those of before)."""
+        out = asdict(self)
+        if self.budget != ADAPTIVE:
+            for k in ("length_model", "budget_temperature", "max_budget"):
+                out.pop(k)
+        return out
 
 
 def parse_classes(text: str) -> str | int:
@@ -318,11 +350,13 @@ def make_sampler(prior: Prior, settings: SampleSettings) -> MaskGITSampler | ARS
     if prior.space.num_classes == 0 and settings.cfg_scale != 0:
         raise ValueError(f"cfg_scale={settings.cfg_scale} needs a class-conditional prior; this one is "
                          "unconditional: use --cfg 0")
+    length = {"budget_temperature": settings.budget_temperature, "max_budget": settings.max_budget}
     if prior.kind == "maskgit":
-        return MaskGITSampler(steps=settings.steps, temperature=settings.temperature, cfg_scale=settings.cfg_scale)
+        return MaskGITSampler(steps=settings.steps, temperature=settings.temperature, cfg_scale=settings.cfg_scale,
+                              **length)
     if prior.kind == "ar":
         return ARSampler(temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p,
-                         cfg_scale=settings.cfg_scale)
+                         cfg_scale=settings.cfg_scale, **length)
     raise ValueError(f"no sampler for prior kind '{prior.kind}' (known: maskgit, ar)")
 
 
@@ -352,7 +386,11 @@ def sample_chunk(models: Models, settings: SampleSettings, chunk: int,
         raise ValueError(f"chunk {chunk} is beyond the request's {settings.num_images} images")
     generator = chunk_generator(settings.seed, chunk)
     classes = classes_for(indices, settings.classes, space)  # (b,)
-    if settings.budget == ADAPTIVE:
+    budgets: torch.Tensor | None
+    if settings.learned:
+        budgets = None  # the sampler draws them from the prior's length model
+        prior.require_length_model()
+    elif settings.budget == ADAPTIVE:
         if budget_probs is None:
             raise ValueError("budget='adaptive' needs budget_probs (C + 1, n): see budget_probs_from_cache")
         budgets = sample_budgets(budget_probs, space, classes, generator=generator)  # (b,)

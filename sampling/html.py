@@ -36,7 +36,10 @@ def render_html(report_dir: str | Path, title: str = "alit-stack report", extra:
                     f"<td>{_num(e['l1'], '.4f')}</td><td>{_num(e['lpips'], '.4f')}</td><td>{e['n_images']}</td></tr>")
     a = report.get("adaptive")
     if a:
-        rows.append(f"<tr class='tsc'><td>adaptive (mean {a['mean_tokens']:.1f})</td><td>{_num(a['rfid'], '.2f')}</td>"
+        who = f", budgets: {a['length_model']}, generated mean {a['generated_mean_tokens']:.1f}, TV {a['length_tv']:.3f}" \
+            if a.get("length_model") else ""
+        rows.append(f"<tr class='tsc'><td>adaptive (mean {a['mean_tokens']:.1f}{html.escape(who)})</td>"
+                    f"<td>{_num(a['rfid'], '.2f')}</td>"
                     f"<td>{_num(a.get('gfid'), '.2f')}</td><td>{_num(a['l1'], '.4f')}</td>"
                     f"<td>{_num(a['lpips'], '.4f')}</td><td>{a['n_images']}</td></tr>")
     figures = []

@@ -75,6 +75,7 @@ import numpy as np
 import torch
 
 from generator.cache import prior_token_cache
+from generator.tokens import total_variation
 from tokenizer.core.config import git_commit, to_dict
 from tokenizer.core.data import DataConfig, build_dataset
 from tokenizer.core.images import from_uint8, grid_array, save_grid
@@ -92,6 +93,7 @@ from .fid import (
 from .generate import (
     ADAPTIVE,
     DEFAULT_CHUNK_SIZE,
+    LENGTH_MODELS,
     WHOLE,
     Budget,
     ImageChunk,
@@ -137,8 +139,11 @@ class EvalSettings:
     chunk_size: int = DEFAULT_CHUNK_SIZE  # images per model batch and per sampling chunk (part of the identity)
     preview: int = 8  # images per row of reconstructions.png and per row of the sample grids
     feature_batch_size: int = 64  # Inception batch size
+    length_model: str = "learned"  # adaptive gFID: "learned" (the prior's p(budget | class)) or "histogram" (TSC)
 
     def __post_init__(self) -> None:
+        if self.length_model not in LENGTH_MODELS:
+            raise ValueError(f"length_model must be one of {list(LENGTH_MODELS)}, got {self.length_model!r}")
         if self.num_images is not None and self.num_images < 2:
             raise ValueError(f"num_images must be >= 2 (FID needs a covariance), got {self.num_images}")
         FIDProtocol(self.protocol)  # a clear error for an unknown protocol
@@ -171,21 +176,26 @@ class PieceResult:
     lpips_sum: float = 0.0  # sum of per-image LPIPS (reconstructions)
     tokens_sum: int = 0  # sum of per-image token counts
     histogram: dict[int, int] = field(default_factory=dict)  # budget -> images
+    class_histogram: dict[str, int] = field(default_factory=dict)  # "<label>:<budget>" -> images
     preview: dict[int, np.ndarray] = field(default_factory=dict)  # global index -> (H, W, 3) uint8, first images
     reused: bool = False  # loaded from the cache
 
     def sums(self) -> dict[str, Any]:
         return {"n": self.n, "l1_sum": self.l1_sum, "lpips_sum": self.lpips_sum, "tokens_sum": self.tokens_sum,
-                "histogram": {str(k): v for k, v in sorted(self.histogram.items())}}
+                "histogram": {str(k): v for k, v in sorted(self.histogram.items())},
+                "class_histogram": dict(sorted(self.class_histogram.items()))}
 
     def merge(self, other: PieceResult) -> PieceResult:
         """Both pieces together (statistics and sums add)."""
         hist = dict(self.histogram)
         for k, v in other.histogram.items():
             hist[k] = hist.get(k, 0) + v
+        per_class = dict(self.class_histogram)
+        for key, v in other.class_histogram.items():
+            per_class[key] = per_class.get(key, 0) + v
         return PieceResult(Piece(self.piece.kind, self.piece.budget, WHOLE), self.stats.merge(other.stats),
                            self.n + other.n, self.l1_sum + other.l1_sum, self.lpips_sum + other.lpips_sum,
-                           self.tokens_sum + other.tokens_sum, hist, {**self.preview, **other.preview},
+                           self.tokens_sum + other.tokens_sum, hist, per_class, {**self.preview, **other.preview},
                            self.reused and other.reused)
 
     def preview_images(self, count: int) -> np.ndarray:
@@ -246,8 +256,19 @@ class Evaluation:
                                                    weights=self.extractor.weights_path).name
         self.budget_probs: torch.Tensor | None = None
         self.budget_probs_note: str | None = None
+        self.length_model: str | None = None  # what chooses the adaptive samples' budgets (None: no adaptive gFID)
+        self.heldout: dict[str, float | None] = {}  # the learned length model's held-out bits (from the cache)
         if models.prior is not None and settings.adaptive_threshold is not None:
-            self._find_budget_probs(tokens)
+            if settings.length_model == "histogram":
+                self._find_budget_probs(tokens)
+                self.length_model = "histogram" if self.budget_probs is not None else None
+            elif models.prior.has_length_model:
+                self.length_model = "learned"
+                self._heldout_bits(tokens)
+            else:
+                self.budget_probs_note = ("adaptive gFID skipped: the prior has no length model (trained with "
+                                          "data_mode=all_budgets); pass --length-model histogram to draw budgets "
+                                          "from the token cache's TSC histogram, or retrain with data_mode=adaptive")
 
     @classmethod
     def load(cls, tokenizer_dir: str | Path, prior_dir: str | Path | None, data: DataConfig,
@@ -269,6 +290,40 @@ class Evaluation:
         except ValueError as e:
             self.budget_probs_note = f"adaptive gFID skipped: {e}"
 
+    def _heldout_bits(self, tokens: str | Path | None, max_images: int = 256) -> None:
+        """Held-out bits of the learned length model beside the ids' bits/token, on (the first ``max_images``
+        of) the token cache's val split at its TSC lengths; the histogram baseline's length bits beside."""
+        from generator.cache import adaptive_lengths
+        from generator.shards import open_token_cache
+        from generator.tasks import PriorTask, TokenDataset, histogram_length_bits
+
+        prior = self.models.require_prior()
+        cache = Path(tokens) if tokens is not None else prior_token_cache(self.models.prior_dir or ".")
+        if cache is None:
+            return
+        try:
+            val = open_token_cache(cache, "val")
+            if val.adaptive_ids is None or val.adaptive_lengths is None:
+                return
+            conditional = prior.space.num_classes > 0
+            n = min(max_images, len(val.adaptive_lengths))
+            ds = TokenDataset(val.ids_by_budget, val.labels if conditional else None, val.adaptive_ids,
+                              val.adaptive_lengths).subset(torch.arange(n))
+            task = PriorTask(prior, ds, eval_batch_size=self.settings.chunk_size,
+                             maskgit_eval_steps=self.settings.steps)
+            bits = task.adaptive_bits(prior, next(prior.parameters()).device, torch.Generator().manual_seed(0))
+            train_lengths, train_labels = adaptive_lengths(cache, "train", self.models.tokenizer_identity)
+            mean_tokens = float(ds.adaptive_lengths.double().mean())
+            hist = histogram_length_bits(train_lengths, train_labels if conditional else None, ds.adaptive_lengths,
+                                         ds.labels if conditional else None, prior.space)
+        except (ValueError, KeyError, FileNotFoundError) as e:
+            print(f"[eval] held-out length bits skipped: {e}", file=sys.stderr)
+            return
+        self.heldout = {"ids_bits_per_token": bits["bits_per_token/adaptive"],
+                        "length_bits_per_token": bits["length_bits_per_token"],
+                        "length_bits_per_image": bits["length_bits"],
+                        "histogram_length_bits_per_token": hist / mean_tokens, "heldout_images": n}
+
     # ------------------------------------------------------------------ plan
     @property
     def num_images(self) -> int:
@@ -281,7 +336,7 @@ class Evaluation:
         recon = [*budgets, ADAPTIVE] if self.settings.adaptive_threshold is not None else budgets
         gen: list[Budget] = []
         if self.models.prior is not None:
-            gen = [*budgets, ADAPTIVE] if self.budget_probs is not None else budgets
+            gen = [*budgets, ADAPTIVE] if self.length_model is not None else budgets
         return [Piece(kind, b, Shard(i, shards)) for kind, bs in ((RECON, recon), (GEN, gen)) for b in bs
                 for i in range(shards)]
 
@@ -290,7 +345,7 @@ class Evaluation:
         s = self.settings
         return SampleSettings(budget=budget, num_images=self.num_images, cfg_scale=s.cfg_scale,
                               temperature=s.temperature, steps=s.steps, seed=s.seed, classes="all",
-                              chunk_size=s.chunk_size)
+                              chunk_size=s.chunk_size, length_model=s.length_model)
 
     # ------------------------------------------------------------------ cache
     def _reference_max_images(self) -> int | None:
@@ -344,8 +399,9 @@ class Evaluation:
         except (ValueError, OSError, KeyError):  # damaged or foreign: recompute and replace
             return None
         hist = {int(k): int(v) for k, v in sums["histogram"].items()}
+        per_class = {str(k): int(v) for k, v in sums.get("class_histogram", {}).items()}
         return PieceResult(piece, stats, int(sums["n"]), float(sums["l1_sum"]), float(sums["lpips_sum"]),
-                           int(sums["tokens_sum"]), hist, preview, reused=True)
+                           int(sums["tokens_sum"]), hist, per_class, preview, reused=True)
 
     # ------------------------------------------------------------------ compute
     @property
@@ -382,8 +438,10 @@ class Evaluation:
             self.extractor.accumulate(chunk.images, result.stats)
             result.n += len(chunk.indices)
             result.tokens_sum += int(chunk.budgets.sum())
-            for b in chunk.budgets.tolist():
+            for b, label in zip(chunk.budgets.tolist(), chunk.labels.tolist()):
                 result.histogram[b] = result.histogram.get(b, 0) + 1
+                key = f"{label}:{b}"
+                result.class_histogram[key] = result.class_histogram.get(key, 0) + 1
             if piece.kind == RECON:
                 result.l1_sum += float(chunk.extra["l1"].astype(np.float64).sum())
                 result.lpips_sum += float(self.lpips(chunk.pixels, chunk.targets).double().sum())
@@ -470,7 +528,8 @@ class Evaluation:
             adaptive = {"threshold": s.adaptive_threshold, "n_images": r.n, "mean_tokens": r.tokens_sum / r.n,
                         "histogram": {str(b): r.histogram.get(b, 0) for b in m.tokenizer.budgets},
                         "l1": r.l1_sum / r.n, "lpips": r.lpips_sum / r.n, "rfid": fid_from_stats(r.stats, ref),
-                        **gen_fields(ADAPTIVE), "gfid_note": note, **common}
+                        **gen_fields(ADAPTIVE), "gfid_note": note, **common,
+                        **self._generated_lengths(merged, entries, ref)}
         prior = None
         if m.prior is not None and m.prior_identity is not None:
             prior = {"id": prior_id, "path": str(m.prior_dir), "tag": m.prior_tag, "kind": m.prior.kind,
@@ -490,6 +549,43 @@ class Evaluation:
             "budgets": entries, "adaptive": adaptive, "files": [],
         }
 
+    def _generated_lengths(self, merged: dict[tuple[str, Budget], PieceResult], entries: list[dict[str, Any]],
+                           ref: FeatureStats) -> dict[str, Any]:
+        """The adaptive row's account of the generated lengths: which length model, the realised histogram
+        beside the evaluated split's TSC histogram (overall and per class) with total-variation distances,
+        gFID against every fixed budget and the budget nearest the realised mean, and held-out bits."""
+        budgets = list(self.models.tokenizer.budgets)
+        gen, recon = merged.get((GEN, ADAPTIVE)), merged.get((RECON, ADAPTIVE))
+        out: dict[str, Any] = {"length_model": None, **{k: self.heldout.get(k) for k in HELDOUT_KEYS}}
+        if gen is None or recon is None:
+            return out
+        realised = {str(b): gen.histogram.get(b, 0) for b in budgets}
+        mean = gen.tokens_sum / gen.n
+        matched = min(budgets, key=lambda b: (abs(b - mean), b))
+        fixed = {e["budget"]: e["gfid"] for e in entries if e["gfid"] is not None}
+        gfid = fid_from_stats(gen.stats, ref)
+        per_class_gen = _class_counts(gen.class_histogram, budgets)
+        per_class_data = _class_counts(recon.class_histogram, budgets)
+        tv_per_class: dict[str, float] = {}
+        data_mix = np.zeros(len(budgets))
+        for c, counts in per_class_gen.items():
+            data = per_class_data.get(c)
+            if data is None or not data.sum():
+                continue
+            tv_per_class[c] = total_variation(torch.from_numpy(counts), torch.from_numpy(data))
+            data_mix += counts.sum() / gen.n * data / data.sum()  # the data's TSC at the samples' class mix
+        hist_all = torch.tensor([realised[str(b)] for b in budgets], dtype=torch.float64)
+        data_hist = torch.from_numpy(data_mix) if data_mix.sum() else \
+            torch.tensor([recon.histogram.get(b, 0) for b in budgets], dtype=torch.float64)
+        out.update({
+            "length_model": self.length_model, "generated_histogram": realised, "generated_mean_tokens": mean,
+            "generated_class_histogram": {c: v.astype(int).tolist() for c, v in per_class_gen.items()},
+            "data_class_histogram": {c: v.astype(int).tolist() for c, v in per_class_data.items()},
+            "length_tv": total_variation(hist_all, data_hist), "length_tv_per_class": tv_per_class,
+            "matched_budget": matched, "gfid_matched": fixed.get(matched),
+            "gfid_minus_budget": {str(b): gfid - g for b, g in fixed.items()} if gfid is not None else {}})
+        return out
+
     def _reconstructions_figure(self, merged: dict[tuple[str, Budget], PieceResult], path: Path) -> None:
         k = self.preview_count(RECON)
         originals = np.concatenate([self.dataset.uint8_images(int(p), int(p) + 1) for p in self.positions[:k]])
@@ -501,7 +597,22 @@ class Evaluation:
         plot_image_table(columns, path)
 
 
-SETTINGS_KEYS = ("num_images", "seed", "cfg_scale", "temperature", "steps", "chunk_size", "adaptive_threshold")
+HELDOUT_KEYS = ("ids_bits_per_token", "length_bits_per_token", "length_bits_per_image",
+                "histogram_length_bits_per_token", "heldout_images")
+
+
+def _class_counts(class_histogram: dict[str, int], budgets: list[int]) -> dict[str, np.ndarray]:
+    """``{"<label>": counts (n,)}`` from ``{"<label>:<budget>": count}`` (label -1 = null class)."""
+    out: dict[str, np.ndarray] = {}
+    for key, v in class_histogram.items():
+        label, b = key.rsplit(":", 1)
+        if int(b) in budgets:
+            out.setdefault(label, np.zeros(len(budgets)))[budgets.index(int(b))] += v
+    return dict(sorted(out.items(), key=lambda kv: int(kv[0])))
+
+
+SETTINGS_KEYS = ("num_images", "seed", "cfg_scale", "temperature", "steps", "chunk_size", "adaptive_threshold",
+                 "length_model")
 
 
 def library_versions() -> dict[str, str]:
@@ -621,6 +732,24 @@ def render_markdown(report: dict[str, Any]) -> str:
             lines.append(f"| {b} | {count} | {count / a['n_images']:.1%} |")
         if a.get("gfid_note"):
             lines += ["", f"Note: {a['gfid_note']}"]
+        if a.get("length_model"):
+            who = "the prior's length model" if a["length_model"] == "learned" else "the token cache's TSC histogram"
+            lines += ["", f"## Adaptive generation (length_model: {a['length_model']})", "",
+                      f"Budgets chosen by {who}: "
+                      f"mean {a['generated_mean_tokens']:.2f} tokens over {a['n_samples']} samples; total variation "
+                      f"to the split's TSC lengths {a['length_tv']:.3f} overall (at the samples' class mix), "
+                      + ", ".join(f"class {c}: {v:.3f}" for c, v in a["length_tv_per_class"].items()) + ".", "",
+                      "| tokens | generated | TSC (data) |", "|---:|---:|---:|"]
+            for b, count in a["generated_histogram"].items():
+                lines.append(f"| {b} | {count} | {a['histogram'].get(b, 0)} |")
+            lines += ["", f"gFID adaptive {_num(a['gfid'])}; at the nearest fixed budget to the mean "
+                      f"({a['matched_budget']}) {_num(a['gfid_matched'])}; adaptive minus fixed: "
+                      + ", ".join(f"{b}: {v:+.2f}" for b, v in a["gfid_minus_budget"].items()) + "."]
+            if a.get("length_bits_per_token") is not None:
+                lines += ["", f"Held-out bits/token on {a['heldout_images']} val images at their TSC lengths: ids "
+                          f"{a['ids_bits_per_token']:.4f}, length model {a['length_bits_per_token']:.4f} "
+                          f"({a['length_bits_per_image']:.3f} bits/image; TSC histogram "
+                          f"{a['histogram_length_bits_per_token']:.4f})."]
     lines += ["", "## Figures", "", "![FID against tokens](fid_vs_tokens.png)", "",
               "Reconstructions (columns: original, each budget, TSC):", "", "![reconstructions](reconstructions.png)"]
     for name in report["files"]:
@@ -735,6 +864,14 @@ def validate_report(report: dict[str, Any]) -> None:
             mean = a.get("mean_tokens")
             if chosen and isinstance(mean, _NUM) and not min(chosen) <= mean <= max(chosen):
                 errors.append(f"adaptive.mean_tokens={mean} lies outside the chosen budgets {chosen}")
+    if a is not None and isinstance(a, dict) and a.get("generated_histogram") is not None:
+        gh = a["generated_histogram"]
+        if a.get("length_model") not in LENGTH_MODELS:
+            errors.append("adaptive.length_model: expected 'learned' or 'histogram' with generated lengths")
+        if sum(gh.values()) != a.get("n_samples"):
+            errors.append(f"adaptive.generated_histogram: counts sum to {sum(gh.values())}, not n_samples")
+        if not 0 <= a.get("length_tv", -1) <= 1:
+            errors.append("adaptive.length_tv: expected a total variation in [0, 1]")
     if "report.json" not in report["files"]:
         errors.append("files: must list report.json")
     if errors:

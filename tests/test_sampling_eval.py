@@ -58,11 +58,11 @@ def _tokenizer(out: Path, seed: int) -> Path:
     return tok.eval().save_pretrained(out)
 
 
-def _prior(out: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
+def _prior(out: Path, tokenizer_dir: Path, seed: int = 0, kind: str = "maskgit", length_model: bool = False) -> Path:
     torch.manual_seed(seed)
     tok = ALITTokenizer.from_pretrained(tokenizer_dir)
-    prior = build_prior("maskgit", "tiny", codebook_size=tok.codebook_size, tokens_per_iter=tok.tokens_per_iter,
-                        num_budgets=len(tok.budgets), num_classes=10)
+    prior = build_prior(kind, "tiny", codebook_size=tok.codebook_size, tokens_per_iter=tok.tokens_per_iter,
+                        num_budgets=len(tok.budgets), num_classes=10, length_model=length_model)
     for p in prior.parameters():  # non-uniform predictions that depend on class and budget
         p.data.normal_(0, 0.3) if p.ndim > 1 else None
     prior.save_pretrained(out)
@@ -144,7 +144,7 @@ def test_adaptive_budgets_from_token_cache(ckpts: dict[str, Path], tmp_path: Pat
     point = torch.zeros(11, 4)
     point[:, 1] = 1.0  # every class: 8 tokens
     point[3] = torch.tensor([0.0, 0.0, 0.0, 1.0])  # class 3: 16 tokens
-    settings = SampleSettings(budget=ADAPTIVE, num_images=12, chunk_size=4)
+    settings = SampleSettings(budget=ADAPTIVE, num_images=12, chunk_size=4, length_model="histogram")
     whole = sample_to_folder(models, settings, tmp_path / "one", budget_probs=point, png=False, progress=False)
     out = load_image_set(whole / f"{SAMPLES}.npz")
     assert whole.name == "adaptive-cfg0-seed0"
@@ -274,3 +274,50 @@ def test_eval_pieces_merge_across_shards(ckpts: dict[str, Path], tmp_path: Path)
     assert ev.load_piece(Piece(GEN, 8, Shard(0, 2))) is None  # never computed: no cache entry
     assert ev.run(tmp_path, Shard(0, 2)) is None  # shard 1/2 still missing: no report yet
     assert not (tmp_path / "report.json").exists()
+
+
+# ============================================================================ adaptive generation (issue 16)
+def test_learned_adaptive_sampling_and_eval_row(ckpts: dict[str, Path], tmp_path: Path,
+                                                capsys: pytest.CaptureFixture) -> None:
+    """``alit sample --budgets adaptive`` and ``alit eval`` use the prior's length model; the report's adaptive
+    row names it and compares the generated lengths with the split's TSC lengths; a prior without one is
+    refused in one line naming --length-model histogram, which still works as the explicit baseline."""
+    prior = _prior(tmp_path / "prior_len", ckpts["tok_a"], kind="ar", length_model=True)
+    data = DataConfig(source="emoji", max_images=24, val_fraction=0.25)
+    cache = build_token_cache(ckpts["tok_a"], data, tmp_path / "cache", adaptive_threshold=0.3, batch_size=24,
+                              progress=False)
+    base = ["sample", "--tokenizer", str(ckpts["tok_a"]), "--num-images", "8", "--batch-size", "4",
+            "--device", "cpu", "--no-progress", "--no-png", "--budgets", "adaptive"]
+    assert alit([*base, "--prior", str(prior), "--out", str(tmp_path / "s"), "--max-budget", "12"]) == 0
+    models = load_models(ckpts["tok_a"], prior)
+    out = load_image_set(tmp_path / "s" / models.prior_tag / "adaptive-learned-max12-cfg0-seed0" / f"{SAMPLES}.npz")
+    assert set(out["budgets"].tolist()) <= {4, 8, 12} and len(out["budgets"]) == 8
+    capsys.readouterr()
+    assert alit([*base, "--prior", str(ckpts["prior_a"]), "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "has none" in err and "--length-model histogram" in err and len(err.splitlines()) == 1
+    assert "Traceback" not in err
+    assert alit([*base, "--prior", str(ckpts["prior_a"]), "--out", str(tmp_path / "h"), "--length-model",
+                 "histogram", "--tokens", str(cache)]) == 0
+    assert (tmp_path / "h" / load_models(ckpts["tok_a"], ckpts["prior_a"]).prior_tag / "adaptive-cfg0-seed0").is_dir()
+    assert alit([*base, "--prior", str(ckpts["prior_a"]), "--out", str(tmp_path / "y"), "--budgets", "8",
+                 "--budget-temperature", "0.5"]) == 2
+
+    report_dir = tmp_path / "report"
+    assert alit(["eval", "--tokenizer", str(ckpts["tok_a"]), "--prior", str(prior), "--num-images", "12",
+                 "--adaptive-threshold", "0.3", "--batch-size", "6", "--tokens", str(cache), "--out",
+                 str(report_dir), "--device", "cpu", "--no-progress"]) == 0
+    report = json.loads((report_dir / "report.json").read_text())
+    validate_report(report)
+    a = report["adaptive"]
+    assert a["length_model"] == "learned" and a["gfid"] is not None and a["n_samples"] == 12
+    assert sum(a["generated_histogram"].values()) == 12 and 0 <= a["length_tv"] <= 1
+    assert a["matched_budget"] in (4, 8, 12, 16) and a["gfid_matched"] == next(
+        e["gfid"] for e in report["budgets"] if e["budget"] == a["matched_budget"])
+    assert set(a["gfid_minus_budget"]) == {"4", "8", "12", "16"}
+    assert a["length_tv_per_class"] and all(0 <= v <= 1 for v in a["length_tv_per_class"].values())
+    assert a["ids_bits_per_token"] > 0 and a["length_bits_per_token"] > 0 and a["heldout_images"] > 0
+    assert a["histogram_length_bits_per_token"] > 0
+    md = (report_dir / "report.md").read_text()
+    assert "length_model: learned" in md and "| tokens | generated | TSC (data) |" in md
+    assert "adaptive samples: length_model learned" in capsys.readouterr().out

@@ -66,7 +66,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adaptive-threshold", type=_threshold, default=0.07,
                         help="token-count selection threshold (L1, [0, 1] units), or 'none' to skip")
     parser.add_argument("--tokens", default=None,
-                        help="the prior's token cache, for adaptive gFID (default: from the prior run's config)")
+                        help="the prior's token cache: held-out length bits, and the histogram's budgets "
+                             "(default: from the prior run's config)")
+    parser.add_argument("--length-model", choices=("learned", "histogram"), default="learned",
+                        help="who chooses the adaptive samples' budgets: 'learned' (the prior's length model, "
+                             "default) or 'histogram' (the token cache's TSC histogram: the baseline)")
     parser.add_argument("--config", default=None, help="YAML with a data: section (default: the emoji set)")
     parser.add_argument("--batch-size", type=int, default=32, help="images per chunk and model batch")
     parser.add_argument("--shard", default=None,
@@ -91,6 +95,10 @@ def print_report_table(report: dict[str, Any], out: str | Path) -> None:
     if a is not None:
         gfid = f"{a['gfid']:7.2f}" if a["gfid"] is not None else "      -"
         print(f"  TSC {a['rfid']:7.2f} {gfid} {a['l1']:7.4f} {a['lpips']:7.4f}  (mean {a['mean_tokens']:.1f} tokens)")
+        if a.get("length_model"):
+            print(f"  adaptive samples: length_model {a['length_model']}, mean {a['generated_mean_tokens']:.1f} tokens, "
+                  f"TV to TSC {a['length_tv']:.3f}, nearest fixed budget {a['matched_budget']} gFID "
+                  + (f"{a['gfid_matched']:.2f}" if a.get("gfid_matched") is not None else "-"))
 
 
 def _flag_problem(args: argparse.Namespace, slurm_overrides: list[str]) -> str | None:
@@ -128,7 +136,8 @@ def run(args: argparse.Namespace) -> int:
     settings = EvalSettings(budgets=args.budgets, num_images=args.num_images,  # checked by the Evaluation
                             split=args.split, protocol=args.protocol, cfg_scale=args.cfg,
                             temperature=args.temperature, steps=args.steps, seed=args.seed,
-                            adaptive_threshold=args.adaptive_threshold, chunk_size=args.batch_size)
+                            adaptive_threshold=args.adaptive_threshold, chunk_size=args.batch_size,
+                            length_model=args.length_model)
     name = models.tokenizer_tag + (f"+{models.prior_tag}" if models.prior is not None else "")
     out = Path(args.out) if args.out else runs_dir() / "eval" / name
     if jobs:  # the plan is made here (bad input fails before anything is queued); the jobs rebuild it

@@ -5,6 +5,11 @@
     alit sample ... --shard 0/4      # one of four jobs: the same images as one job; samples.npz appears
                                      # when the last of the four finishes
 
+``--budgets adaptive`` lets the prior's length model choose each image's budget (a prior trained with
+``data_mode=adaptive|mixture``; ``--budget-temperature`` and ``--max-budget`` bias it); ``--length-model
+histogram`` draws them from the token cache's TSC histogram instead (the baseline, and the only choice for a
+prior without a length model).
+
 Writes ``<out>/<prior name>-<hash8>/budget016-cfg1.5-seed0/`` (PNGs by global index, ``samples.npz``,
 ``samples.json``); see :mod:`sampling.generate`. A prior trained for another tokenizer is refused.
 """
@@ -25,8 +30,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prior", required=True, help="a saved prior directory (a prior run's final/)")
     parser.add_argument("--out", required=True, help="output root; one folder per checkpoint and request")
     parser.add_argument("--budgets", default="max",
-                        help="comma-separated token budgets, 'all', 'max' (default) and/or 'adaptive' (budgets "
-                             "drawn per class from the token cache's adaptive lengths)")
+                        help="comma-separated token budgets, 'all', 'max' (default) and/or 'adaptive' (the prior "
+                             "chooses each image's budget; see --length-model)")
+    parser.add_argument("--length-model", choices=("learned", "histogram"), default="learned",
+                        help="adaptive budgets: 'learned' (the prior's p(budget | class), default) or 'histogram' "
+                             "(drawn per class from the token cache's TSC lengths: the baseline)")
+    parser.add_argument("--budget-temperature", type=float, default=1.0,
+                        help="adaptive, learned: temperature of the budget choice (< 1 sharper, 0 = most likely)")
+    parser.add_argument("--max-budget", type=int, default=None,
+                        help="adaptive, learned: never choose a budget above this one")
     parser.add_argument("--num-images", type=int, default=64, help="images per budget (global indices 0..N-1)")
     parser.add_argument("--class", dest="classes", default="all",
                         help="'all' (round-robin over classes, default), 'none' (null class) or a class id")
@@ -63,16 +75,30 @@ def run(args: argparse.Namespace) -> int:
     prior = models.require_prior()
     budgets = parse_budgets(args.budgets, prior.space.budgets)
     probs = None
-    if ADAPTIVE in budgets:
+    learned = args.length_model == "learned"
+    if (args.budget_temperature != 1.0 or args.max_budget is not None) and not (ADAPTIVE in budgets and learned):
+        raise UsageError("--budget-temperature and --max-budget bias the learned length model: use them with "
+                         "--budgets adaptive (and --length-model learned)")
+    if args.max_budget is not None and args.max_budget not in prior.space.budgets:
+        raise UsageError(f"--max-budget {args.max_budget} is not one of the prior's budgets {prior.space.budgets}")
+    if ADAPTIVE in budgets and learned and not prior.has_length_model:
+        raise UsageError(f"'adaptive' with the learned length model: prior {args.prior} has none (trained with "
+                         "data_mode=all_budgets); pass --length-model histogram to draw budgets from the token "
+                         "cache's TSC histogram, or retrain the prior with data_mode=adaptive or mixture")
+    if ADAPTIVE in budgets and not learned:
         cache = args.tokens or prior_token_cache(args.prior)
         if cache is None:
-            raise UsageError("'adaptive' needs the prior's token cache: pass --tokens <cache dir>")
+            raise UsageError("'adaptive' with --length-model histogram needs the prior's token cache: pass "
+                             "--tokens <cache dir>")
         probs = budget_probs_from_cache(cache, prior.space, "train", models.tokenizer_identity)
     for budget in budgets:
+        adaptive = budget == ADAPTIVE
         settings = SampleSettings(budget=budget, num_images=args.num_images, cfg_scale=args.cfg,
                                   temperature=args.temperature, steps=args.steps, seed=args.seed,
                                   classes=classes, chunk_size=args.batch_size, top_k=args.top_k,
-                                  top_p=args.top_p)
+                                  top_p=args.top_p, length_model=args.length_model,
+                                  budget_temperature=args.budget_temperature if adaptive else 1.0,
+                                  max_budget=args.max_budget if adaptive else None)
         folder = sample_to_folder(models, settings, args.out, shard, probs if budget == ADAPTIVE else None,
                                   png=not args.no_png, progress=not args.no_progress)
         print(f"[sample] {folder}")
