@@ -75,6 +75,7 @@ class EvalSpec:
     steps: int = 8  # MaskGIT decoding steps
     seed: int = 0  # sampling seed
     protocol: str = "torch_fidelity"  # FID protocol
+    length_model: str = "learned"  # adaptive gFID: the prior's learned p(budget | class), or "histogram" (TSC)
 
 
 @dataclass
@@ -175,7 +176,7 @@ def _eval_settings(cfg: DemoConfig) -> Any:
     e = cfg.eval
     return EvalSettings(budgets=tuple(e.budgets), num_images=e.num_images, split=e.split, protocol=e.protocol,
                         cfg_scale=e.cfg_scale, temperature=e.temperature, steps=e.steps, seed=e.seed,
-                        adaptive_threshold=cfg.adaptive_threshold)
+                        adaptive_threshold=cfg.adaptive_threshold, length_model=e.length_model)
 
 
 _PATH_KEYS = ("run_dir", "base", "init", "tokens", "tokenizer")  # set by the pipeline: upstream hashes cover them
