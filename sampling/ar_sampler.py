@@ -23,7 +23,6 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -38,7 +37,6 @@ from .schedules import (
     cfg_combine,
     check_guidance,
     filter_logits,
-    resolve_request,
     sample_tokens,
     step_fraction,
 )
@@ -71,16 +69,8 @@ class ARSampler(Sampler):
         filtered = filter_logits(logits.float() / self.temperature, self.top_k, self.top_p)  # (B, K)
         return sample_tokens(filtered, 1.0, generator)
 
-    @torch.no_grad()
-    def sample(self, model: AR, budgets: int | Sequence[int] | torch.Tensor | None,  # type: ignore[override]
-               classes: torch.Tensor | Sequence[int] | None = None, *, generator: torch.Generator | None = None,
-               batch_size: int | None = None) -> TokenBatch:
-        """:meth:`~sampling.schedules.Sampler.sample`; ``budgets=None``: the prior's length model chooses."""
-        if budgets is not None:
-            return super().sample(model, budgets, classes, generator=generator, batch_size=batch_size)
-        model.require_length_model()
-        device = next(model.parameters()).device
-        lengths, cond = resolve_request(model.space, model.space.max_budget, classes, batch_size, device)
+    def decode_chosen(self, model: AR, lengths: torch.Tensor, cond: torch.Tensor,  # type: ignore[override]
+                      generator: torch.Generator | None) -> TokenBatch:
         return self.decode(model, lengths, cond, generator, choose=True)
 
     def decode(self, model: AR, lengths: torch.Tensor, cond: torch.Tensor,

@@ -22,7 +22,6 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -38,7 +37,6 @@ from .schedules import (
     cfg_combine,
     check_guidance,
     gumbel,
-    resolve_request,
     sample_tokens,
     step_fraction,
 )
@@ -65,18 +63,9 @@ class MaskGITSampler(Sampler):
         self.choice_temperature = as_value_schedule(self.choice_temperature)
         self.cfg_scale = as_value_schedule(self.cfg_scale)
 
-    @torch.no_grad()
-    def sample(self, model: MaskGIT, budgets: int | Sequence[int] | torch.Tensor | None,  # type: ignore[override]
-               classes: torch.Tensor | Sequence[int] | None = None, *, generator: torch.Generator | None = None,
-               batch_size: int | None = None) -> TokenBatch:
-        """:meth:`~sampling.schedules.Sampler.sample`; ``budgets=None``: the prior's length model chooses."""
-        if budgets is not None:
-            return super().sample(model, budgets, classes, generator=generator, batch_size=batch_size)
-        model.require_length_model()
-        device = next(model.parameters()).device
-        _, cond = resolve_request(model.space, model.space.max_budget, classes, batch_size, device)
-        lengths = self.choose_budgets(model, cond, generator)
-        return self.decode(model, lengths, cond, generator)
+    def decode_chosen(self, model: MaskGIT, lengths: torch.Tensor, cond: torch.Tensor,  # type: ignore[override]
+                      generator: torch.Generator | None) -> TokenBatch:
+        return self.decode(model, self.choose_budgets(model, cond, generator), cond, generator)
 
     def choose_budgets(self, model: MaskGIT, cond: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """Budgets ``(B,)`` drawn from the length model for class ids ``cond (B,)``."""

@@ -154,17 +154,27 @@ class Sampler:
     """What both samplers share: :meth:`sample` resolves the request, :meth:`decode` (per sampler) decodes it."""
 
     @torch.no_grad()
-    def sample(self, model: Prior, budgets: int | Sequence[int] | torch.Tensor,
+    def sample(self, model: Prior, budgets: int | Sequence[int] | torch.Tensor | None,
                classes: torch.Tensor | Sequence[int] | None = None, *, generator: torch.Generator | None = None,
                batch_size: int | None = None) -> TokenBatch:
-        """Sample ``B`` sequences of the given budgets (one int, or one per sample: mixed budgets are fine).
+        """Sample ``B`` sequences of the given budgets (one int, or one per sample: mixed budgets are fine);
+        ``budgets=None``: the prior's length model chooses each one (:meth:`decode_chosen`).
 
         Returns a :class:`~generator.tokens.TokenBatch`: ids ``(B, max budget)`` with exactly ``budget`` code
         ids in [0, K) per row and PAD after, the budgets as lengths, the class ids used.
         """
         device = next(model.parameters()).device
+        if budgets is None:
+            model.require_length_model()
+            lengths, cond = resolve_request(model.space, model.space.max_budget, classes, batch_size, device)
+            return self.decode_chosen(model, lengths, cond, generator)
         lengths, cond = resolve_request(model.space, budgets, classes, batch_size, device)
         return self.decode(model, lengths, cond, generator)
+
+    def decode_chosen(self, model: Prior, lengths: torch.Tensor, cond: torch.Tensor,
+                      generator: torch.Generator | None) -> TokenBatch:  # pragma: no cover - each sampler has one
+        """Decode sequences whose budgets the length model chooses (``lengths``: the largest, placeholders)."""
+        raise NotImplementedError
 
     def decode(self, model: Prior, lengths: torch.Tensor, cond: torch.Tensor,
                generator: torch.Generator | None) -> TokenBatch:  # pragma: no cover - each sampler has one

@@ -11,12 +11,15 @@ there :meth:`ArraySubmission.wait` submits it once the array has succeeded.
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import submitit
+
+from tokenizer.core.errors import EXIT_FAILED
 
 from .launcher import Cluster, JobSpec, SlurmConfig, SlurmJobError, submit, submit_array, wait_with_errors
 
@@ -90,3 +93,22 @@ def submit_with_merge(specs: list[JobSpec], merge_spec: JobSpec, *, out: Path, s
                     job.cancel(check=False)
             raise
     return sub
+
+
+def announce_and_wait(command: str, sub: ArraySubmission, what: str, no_wait: bool) -> tuple[int, Any]:
+    """What ``alit <command> --cluster ... --shards N`` does after submitting: say what was queued (``what``:
+    the array's tasks) and where the logs go, then print both job ids (``no_wait``) or wait for the merge
+    job's result. ``(exit code, result or None)``; a failed job is ``alit <command>: ...`` and exit 1."""
+    merge = f"merge job {sub.merge.job_id} (after the array succeeds)" if sub.merge is not None else \
+        "the merge job once the array has succeeded"
+    print(f"[{command}] submitted array {sub.array_id} ({sub.cluster}; {what}) and {merge}; logs: "
+          f"{sub.out / 'slurm'}", file=sys.stderr, flush=True)
+    if no_wait:  # only on Slurm, where the merge job is queued already
+        print(sub.array_id)
+        print(sub.merge.job_id if sub.merge is not None else "")
+        return 0, None
+    try:
+        return 0, sub.wait()
+    except SlurmJobError as e:
+        print(f"alit {command}: {e}", file=sys.stderr)
+        return EXIT_FAILED, None

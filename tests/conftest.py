@@ -4,6 +4,7 @@ shared across sessions (converting the carriers' weights is slow and read-only a
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -36,3 +37,13 @@ def base_vq(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
     BaseVQ(base_vq_config("tiny")).save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """One intra-op thread for a module of tiny models: faster than two, and far faster on a busy machine
+    (``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -28,12 +28,7 @@ KINDS = ("maskgit", "ar")
 BUDGETS = (4, 8, 12)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (tests/conftest.py)
 
 
 def _random_data(n: int, g: torch.Generator, lengths: torch.Tensor | None = None

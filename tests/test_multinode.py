@@ -30,17 +30,6 @@ from tests.test_sweep import _digest, alit, final_tensors, last_step, write_conf
 STARTING = re.compile(r"Starting with JobEnvironment\(job_id=(\d+), hostname=([^,]+), .*global_rank=(\d+)\((\d+)\)\)")
 
 
-@pytest.fixture(scope="module")
-def base_vq(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A freshly saved, untrained tiny base VQ (what the distill stage distils)."""
-    from tokenizer.vq import BaseVQ, base_vq_config
-
-    path = tmp_path_factory.mktemp("base_vq") / "final"
-    torch.manual_seed(0)
-    BaseVQ(base_vq_config("tiny")).save_pretrained(path)
-    return path
-
-
 def ranks_and_hosts(run_dir: Path) -> dict[int, str]:
     """global rank -> the hostname its task logged (from the run's submitit task logs)."""
     found: dict[int, str] = {}

@@ -47,13 +47,7 @@ K, TPI, NB, C = 16, 4, 3, 3  # codebook, tokens per iteration, budgets (4, 8, 12
 KINDS = ("maskgit", "ar")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: one intra-op thread is faster than two, and far faster on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (tests/conftest.py)
 
 
 def _model(kind: str, seed: int = 0, num_classes: int = C) -> MaskGIT | AR:

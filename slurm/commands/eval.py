@@ -18,16 +18,14 @@ of every (kind, budget, shard) piece are cached under ``$ALIT_HOME/features/eval
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tokenizer.core.data import DataSpec
-from tokenizer.core.errors import EXIT_FAILED, UsageError
+from tokenizer.core.errors import UsageError
 
 from ..launcher import (
     SlurmConfig,
-    SlurmJobError,
     add_cluster_arguments,
     job_flags_problem,
     slurm_config_from_args,
@@ -156,22 +154,13 @@ def run(args: argparse.Namespace) -> int:
 def _run_jobs(args: argparse.Namespace, request: EvalRequest, evaluation: Evaluation, out: Path,
               slurm: SlurmConfig | None) -> int:
     """Submit the evaluation as jobs; wait and print the table, or (``--no-wait``) print the job ids."""
+    from ..arrays import announce_and_wait
     from ..eval_jobs import describe_tasks, submit_evaluation
 
     shards = args.shards or 1
     sub = submit_evaluation(request, evaluation, shards=shards, out=out, slurm=slurm, cluster=args.cluster)
-    merge = f"merge job {sub.merge.job_id} (after the array succeeds)" if sub.merge is not None else \
-        "the merge job once the array has succeeded"
-    print(f"[eval] submitted array {sub.array_id} ({args.cluster}; {describe_tasks(sub.tasks, shards)}) and "
-          f"{merge}; logs: {out.absolute() / 'slurm'}", file=sys.stderr, flush=True)
-    if args.no_wait:  # only on Slurm, where the merge job is queued already
-        print(sub.array_id)
-        print(sub.merge.job_id if sub.merge is not None else "")
-        return 0
-    try:
-        report = sub.wait()
-    except SlurmJobError as e:
-        print(f"alit eval: {e}", file=sys.stderr)
-        return EXIT_FAILED
+    rc, report = announce_and_wait("eval", sub, describe_tasks(sub.tasks, shards), args.no_wait)
+    if report is None:
+        return rc
     print_report_table(report, out)
     return 0

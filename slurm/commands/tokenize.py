@@ -12,12 +12,11 @@ a re-submitted command continues; the run that completes the set writes the mani
 from __future__ import annotations
 
 import argparse
-import sys
 
 from tokenizer.core.data import DataSpec
-from tokenizer.core.errors import EXIT_FAILED, UsageError
+from tokenizer.core.errors import UsageError
 
-from ..launcher import SlurmJobError, add_cluster_arguments, job_flags_problem, slurm_config_from_args
+from ..launcher import add_cluster_arguments, job_flags_problem, slurm_config_from_args
 from . import prologue
 
 TAKES_OVERRIDES = True  # data.* overrides, e.g. data.source=/path/to/images; slurm.* ones set job resources
@@ -89,19 +88,12 @@ def run(args: argparse.Namespace) -> int:
     if slurm.num_tasks > 1:
         raise UsageError(f"each tokenization job is one process, not {slurm.num_tasks} (--nodes/--tasks): "
                          "spread the work with --shards N instead")
+    from ..arrays import announce_and_wait
+
     shards = args.shards or 1
     sub = submit_tokenization(request, shards=shards, slurm=slurm, cluster=args.cluster)
-    print(f"[tokenize] submitted array {sub.array_id} ({args.cluster}; {shards} task(s)) and "
-          f"{'merge job ' + str(sub.merge.job_id) if sub.merge is not None else 'a merge job after it'}; logs: "
-          f"{sub.out / 'slurm'}", file=sys.stderr, flush=True)
-    if args.no_wait:
-        print(sub.array_id)
-        print(sub.merge.job_id if sub.merge is not None else "")
-        return 0
-    try:
-        out = sub.wait()
-    except SlurmJobError as e:
-        print(f"alit tokenize: {e}", file=sys.stderr)
-        return EXIT_FAILED
+    rc, out = announce_and_wait("tokenize", sub, f"{shards} task(s)", args.no_wait)
+    if out is None:
+        return rc
     print(f"[tokenize] token cache: {out}")
     return 0
