@@ -61,6 +61,15 @@ COMMANDS: tuple[Command, ...] = (
     Command("import-public", "slurm.commands.import_public",
             "a released ALIT checkpoint (.pth) as a tokenizer directory of this stack, with a one-line check",
             "alit import-public alit_small_vqgan_quantized_latents.pth --out $ALIT_HOME/models/alit_small"),
+    Command("fid-stats", "slurm.commands.fid_stats",
+            "Inception statistics (mu, sigma, count, protocol) of images, an npz batch or a split (shardable)",
+            "alit fid-stats runs/samples/folder --out runs/samples/stats.npz"),
+    Command("fid", "slurm.commands.fid",
+            "FID, KID, precision/recall between two image folders, npz batches or statistics files",
+            "alit fid runs/samples/folder runs/samples/stats.npz"),
+    Command("inspect", "slurm.commands.inspect",
+            "token specialization maps: each latent token's attention over the 2D grid, as image overlays",
+            "alit inspect --tokenizer runs/emoji_finetune/final --images 4 --out runs/inspect"),
 )
 
 

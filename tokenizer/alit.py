@@ -38,7 +38,7 @@ import json
 import math
 import numbers
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -181,10 +181,20 @@ class SelfAttention(nn.Module):
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
         self.out_proj = nn.Linear(width, width)
 
+    # Inspection only (sampling.analysis.record_attention sets it per module): when not None, the weights are
+    # computed explicitly, softmax(q k^T / sqrt(d)) in fp32, passed to it as (B, H, L, L), and applied to v.
+    # None (the class default, never saved) keeps the fast kernel path unchanged.
+    inspect_hook: Callable[[Tensor], None] | None = None
+
     def forward(self, x: Tensor) -> Tensor:
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # (B, L, 3W)
         q, k, v = rearrange(qkv, "b l (three h d) -> three b h l d", three=3, h=self.heads)  # 3 x (B, H, L, W/H)
-        out = attention(q, k, v)  # (B, H, L, W/H)
+        if self.inspect_hook is None:
+            out = attention(q, k, v)  # (B, H, L, W/H)
+        else:
+            weights = (q.float() @ k.float().transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(dim=-1)  # (B, H, L, L)
+            self.inspect_hook(weights)
+            out = (weights @ v.float()).to(q.dtype)  # (B, H, L, W/H)
         return self.out_proj(rearrange(out, "b h l d -> b l (h d)"))  # (B, L, W)
 
 
