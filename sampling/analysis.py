@@ -1,5 +1,8 @@
 """The paper's analyses of a tokenizer, as functions the ``alit inspect`` / ``alit analyze`` commands call.
 
+- Complexity (:func:`measure_tokenizer`, :func:`complexity_analysis`): per image, the adaptive budget and
+  the L1 of every budget (one ``encode_budgets`` pass) against PNG / JPEG bits per pixel, the mean gradient
+  and user scores, as Spearman correlations with seeded bootstrap intervals, a table and a plot.
 - Specialization maps (:func:`latent_attention_maps`, :func:`write_attention_maps`): each latent token's
   attention over the 2D grid, per iteration and layer, through an explicit-softmax path that is used only
   while :func:`record_attention` is active (the fast kernels of ``tokenizer.core.attention`` stay as they
@@ -12,9 +15,13 @@ overlays scale each map to its own maximum.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
+import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,6 +31,7 @@ from PIL import Image
 from torch import Tensor
 
 from tokenizer.alit import ALITTokenizer
+from tokenizer.core.data import ImageDataset
 from tokenizer.core.errors import UsageError
 from tokenizer.core.io import atomic_write_text
 
@@ -219,3 +227,230 @@ def write_attention_maps(tokenizer: ALITTokenizer, images: Tensor, out: str | Pa
                  grid=tokenizer.config.base_grid, images=len(pixels), maps=entries, **(meta or {}))
     write_json(out / INSPECT_INDEX, index)
     return index
+
+
+# ============================================================================ measuring a tokenizer on a set
+@dataclass
+class Measured:
+    """A tokenizer on a set of images: the adaptive choice and the L1 of every budget, per image."""
+
+    positions: np.ndarray  # (n,) split positions
+    source_indices: np.ndarray  # (n,) indices in the source (the tables' 'index' column)
+    labels: np.ndarray  # (n,) class labels
+    budgets: tuple[int, ...]
+    lengths: np.ndarray  # (n,) the adaptive budget (encode_budgets' choice at the threshold)
+    l1: np.ndarray  # (n, len(budgets)) reconstruction L1 in [0, 1] units of the clamped decode, per budget
+    pixels: np.ndarray  # (n, R, R, 3) uint8 originals
+
+    def l1_at(self, budget: int) -> np.ndarray:
+        return self.l1[:, self.budgets.index(budget)]
+
+
+@torch.no_grad()
+def measure_tokenizer(tokenizer: ALITTokenizer, dataset: ImageDataset, positions: np.ndarray,
+                      threshold: float, batch_size: int = 32) -> Measured:
+    """One ``encode_budgets`` pass per batch (every budget's ids and the adaptive choice), then one decode
+    per budget: the per-image table the complexity and familiarity analyses read."""
+    if batch_size < 1:
+        raise UsageError(f"--batch-size {batch_size} must be >= 1")
+    device = next(tokenizer.parameters()).device
+    budgets = tuple(tokenizer.budgets)
+    lengths, l1, pixels, labels = [], [], [], []
+    for start in range(0, len(positions), batch_size):
+        items = [dataset[int(p)] for p in positions[start:start + batch_size]]
+        images = torch.stack([x for x, _ in items]).to(device)
+        codes = tokenizer.encode_budgets(images, threshold)
+        assert codes.adaptive_lengths is not None
+        lengths.append(codes.adaptive_lengths.cpu().numpy())
+        errs = [(tokenizer.decode(codes.ids[k]) - images).abs().flatten(1).mean(1).div(2).cpu().numpy()
+                for k in budgets]
+        l1.append(np.stack(errs, axis=1))
+        pixels.append(to_uint8(images))
+        labels.extend(y for _, y in items)
+    positions = np.asarray(positions, dtype=np.int64)
+    return Measured(positions, dataset.indices[positions], np.asarray(labels, dtype=np.int64), budgets,
+                    np.concatenate(lengths).astype(np.int64), np.concatenate(l1).astype(np.float64),
+                    np.concatenate(pixels))
+
+
+# ============================================================================ complexity
+def complexity_measures(pixels: np.ndarray, jpeg_quality: int = 75) -> dict[str, np.ndarray]:
+    """Per image of ``pixels (n, H, W, 3)`` uint8: PNG-compressed bits per pixel (zlib level 9), JPEG bits
+    per pixel at ``jpeg_quality``, and the mean gradient magnitude of the grey image in [0, 1] units."""
+    png, jpeg, grad = [], [], []
+    for arr in pixels:
+        image = Image.fromarray(arr)
+        area = arr.shape[0] * arr.shape[1]
+        for fmt, store, kwargs in (("PNG", png, dict(compress_level=9)),
+                                   ("JPEG", jpeg, dict(quality=jpeg_quality))):
+            buf = io.BytesIO()
+            image.save(buf, format=fmt, **kwargs)
+            store.append(8 * buf.tell() / area)
+        grey = arr.astype(np.float64).mean(-1) / 255
+        gx, gy = np.diff(grey, axis=1)[:-1], np.diff(grey, axis=0)[:, :-1]
+        grad.append(float(np.sqrt(gx ** 2 + gy ** 2).mean()))
+    return {"png_bpp": np.asarray(png), f"jpeg_q{jpeg_quality}_bpp": np.asarray(jpeg),
+            "gradient": np.asarray(grad)}
+
+
+def read_scores(path: str | Path, source_indices: np.ndarray) -> dict[str, np.ndarray]:
+    """A user CSV of per-image scores: an ``index`` column (the source index, the tables' ``index``) and
+    one or more numeric columns -> ``{column: (n,) float}`` aligned to ``source_indices`` (NaN if absent)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"--scores {path} does not exist; pass a CSV with an 'index' column and score columns")
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    columns = [c for c in (rows[0].keys() if rows else []) if c != "index"]
+    if not rows or "index" not in rows[0] or not columns:
+        raise UsageError(f"--scores {path} needs a header with 'index' (the source index of each image, as in "
+                         "the complexity table) and at least one score column, and one row per image")
+    pos = {int(i): k for k, i in enumerate(source_indices)}
+    scores = {c: np.full(len(source_indices), np.nan) for c in columns}
+    for line, row in enumerate(rows, start=2):
+        try:
+            i = int(row["index"])
+            values = {c: float(row[c]) for c in columns if row[c] not in ("", None)}
+        except (TypeError, ValueError):
+            raise UsageError(f"--scores {path} line {line}: 'index' must be an integer and scores numbers, got "
+                             f"{dict(row)}") from None
+        if i in pos:
+            for c, v in values.items():
+                scores[c][pos[i]] = v
+    if all(np.isnan(v).all() for v in scores.values()):
+        raise UsageError(f"--scores {path}: no row's index is one of the analysed images' source indices "
+                         f"(e.g. {source_indices[:3].tolist()}); index the rows by the table's 'index' column")
+    return scores
+
+
+def _rank_rows(x: np.ndarray) -> np.ndarray:
+    from scipy.stats import rankdata
+
+    return rankdata(x, axis=-1)
+
+
+def _pearson_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = a - a.mean(-1, keepdims=True)
+    b = b - b.mean(-1, keepdims=True)
+    den = np.sqrt((a ** 2).sum(-1) * (b ** 2).sum(-1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, (a * b).sum(-1) / np.where(den > 0, den, 1), np.nan)
+
+
+def spearman(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray) -> float:
+    """Spearman's rank correlation (average ranks for ties); NaN when either side is constant."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if x.shape != y.shape or x.ndim != 1:
+        raise ValueError(f"spearman: x and y must be 1-D of equal length, got {x.shape} and {y.shape}")
+    return float(_pearson_rows(_rank_rows(x), _rank_rows(y)))
+
+
+def spearman_ci(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray, reps: int = 1000,
+                seed: int = 0, level: float = 0.95) -> dict[str, Any]:
+    """Spearman's rho over the pairs where both are finite, with a seeded percentile-bootstrap interval
+    (pairs resampled with replacement; resamples with a constant side are dropped)."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    ok = np.isfinite(x) & np.isfinite(y)
+    x, y = x[ok], y[ok]
+    rho = spearman(x, y) if len(x) >= 2 else float("nan")
+    lo = hi = float("nan")
+    if len(x) >= 3 and reps > 0:
+        rng = np.random.default_rng(seed)
+        idx = rng.integers(0, len(x), size=(reps, len(x)))
+        boot = _pearson_rows(_rank_rows(x[idx]), _rank_rows(y[idx]))
+        boot = boot[np.isfinite(boot)]
+        if len(boot):
+            q = (1 - level) / 2
+            lo, hi = (float(v) for v in np.quantile(boot, [q, 1 - q]))
+    return dict(rho=rho, ci=[lo, hi], n=len(x))
+
+
+def _targets(m: Measured) -> dict[str, np.ndarray]:
+    return {"adaptive_budget": m.lengths.astype(np.float64),
+            **{f"l1_{k}": m.l1_at(k) for k in m.budgets}}
+
+
+def _nan_to_none(x: float) -> float | None:
+    return None if not math.isfinite(x) else round(x, 6)
+
+
+def _plot(path: Path, draw: Any, rows: int, cols: int, size: tuple[float, float]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(rows, cols, figsize=(size[0] * cols, size[1] * rows), squeeze=False)
+    try:
+        draw(axes)
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+    finally:
+        plt.close(fig)
+
+
+COMPLEXITY_SUMMARY = "complexity.json"
+
+
+def complexity_analysis(m: Measured, out: str | Path, scores: dict[str, np.ndarray] | None = None,
+                        reps: int = 1000, seed: int = 0, meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``complexity.csv`` (one row per image), :data:`COMPLEXITY_SUMMARY` (Spearman rho of the adaptive
+    budget and of each budget's L1 against each measure, with bootstrap intervals) and ``complexity.png``."""
+    out = claim_out(out, COMPLEXITY_SUMMARY)
+    measures = {**complexity_measures(m.pixels), **(scores or {})}
+    targets = _targets(m)
+    table = {"index": m.source_indices, "position": m.positions, "label": m.labels, **targets, **measures}
+    _write_csv(out / "complexity.csv", table)
+    correlations = []
+    for j, (mname, mvals) in enumerate(measures.items()):
+        for i, (tname, tvals) in enumerate(targets.items()):
+            r = spearman_ci(mvals, tvals, reps=reps, seed=seed + 1000 * j + i)
+            correlations.append(dict(measure=mname, target=tname, rho=_nan_to_none(r["rho"]),
+                                     ci95=[_nan_to_none(v) for v in r["ci"]], n=r["n"]))
+    summary = dict(kind="complexity", images=len(m.positions), budgets=list(m.budgets),
+                   mean_adaptive_budget=round(float(m.lengths.mean()), 4),
+                   mean_l1={str(k): round(float(m.l1_at(k).mean()), 6) for k in m.budgets},
+                   measures=list(measures), bootstrap=dict(reps=reps, seed=seed, level=0.95),
+                   correlations=correlations, table="complexity.csv", plot="complexity.png", **(meta or {}))
+
+    def rho_of(measure: str, target: str) -> str:
+        r = next(c for c in correlations if c["measure"] == measure and c["target"] == target)["rho"]
+        return "n/a" if r is None else f"{r:+.2f}"
+
+    def draw(axes: Any) -> None:
+        rng = np.random.default_rng(seed)
+        jitter = rng.uniform(-0.25, 0.25, len(m.lengths)) * m.budgets[0]
+        for row, (mname, mvals) in enumerate(measures.items()):
+            ax = axes[row][0]
+            ax.scatter(mvals, m.lengths + jitter, s=10, alpha=0.6)
+            ax.set_xlabel(mname)
+            ax.set_ylabel("adaptive budget (tokens)")
+            ax.set_yticks(list(m.budgets))
+            ax.set_title(f"budget vs {mname}: Spearman {rho_of(mname, 'adaptive_budget')}")
+            ax = axes[row][1]
+            for k in m.budgets:
+                ax.scatter(mvals, m.l1_at(k), s=8, alpha=0.6, label=f"{k} tokens ({rho_of(mname, f'l1_{k}')})")
+            ax.set_xlabel(mname)
+            ax.set_ylabel("L1 (clamped decode, [0, 1])")
+            ax.set_title(f"L1 vs {mname}")
+            ax.legend(fontsize=7, title="budget (Spearman)", title_fontsize=7)
+
+    _plot(out / "complexity.png", draw, len(measures), 2, (5.0, 3.6))
+    write_json(out / COMPLEXITY_SUMMARY, summary)
+    return summary
+
+
+def _write_csv(path: Path, columns: dict[str, np.ndarray]) -> None:
+    names = list(columns)
+    n = len(next(iter(columns.values())))
+    lines = [",".join(names)]
+    for r in range(n):
+        cells = []
+        for c in names:
+            v = columns[c][r]
+            if isinstance(v, (float, np.floating)):
+                cells.append("" if not math.isfinite(float(v)) else f"{float(v):.6g}")
+            else:
+                cells.append(str(v))
+        lines.append(",".join(cells))
+    atomic_write_text(path, "\n".join(lines) + "\n")

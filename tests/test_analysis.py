@@ -10,7 +10,14 @@ import pytest
 import torch
 from PIL import Image
 
-from sampling.analysis import latent_attention_maps, record_attention, run_recurrence
+from sampling.analysis import (
+    complexity_measures,
+    latent_attention_maps,
+    record_attention,
+    run_recurrence,
+    spearman,
+    spearman_ci,
+)
 from slurm.cli import main as alit
 from tokenizer.alit import ALITTokenizer
 from tokenizer.vq import BaseVQ, base_vq_config
@@ -126,3 +133,76 @@ def test_cli_inspect_bad_flags(tok_dir: Path, tmp_path: Path, capsys: pytest.Cap
                *flags, *DATA])
     err = capsys.readouterr().err
     assert rc == 2 and words in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+# ============================================================================ complexity
+def test_spearman_on_known_rank_correlations() -> None:
+    x = np.arange(10.0)
+    assert spearman(x, x ** 3) == pytest.approx(1.0)  # monotone: ranks agree
+    assert spearman(x, -np.exp(x)) == pytest.approx(-1.0)
+    y = np.array([2, 1, 4, 3, 6, 5, 8, 7, 10, 9], dtype=float)  # no ties: rho = 1 - 6 sum d^2 / (n (n^2 - 1))
+    assert spearman(x, y) == pytest.approx(1 - 6 * 10 / (10 * 99))
+    ties = np.array([1, 1, 2, 2, 3.0])  # average ranks 1.5, 1.5, 3.5, 3.5, 5 against 1..5
+    ranks = np.array([1.5, 1.5, 3.5, 3.5, 5])
+    assert spearman(np.arange(5.0), ties) == pytest.approx(np.corrcoef(np.arange(5.0), ranks)[0, 1])
+    assert np.isnan(spearman(x, np.ones(10)))
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=200)
+    r = spearman_ci(a, a + rng.normal(scale=0.5, size=200), reps=300, seed=3)
+    assert r["ci"][0] < r["rho"] < r["ci"][1] and r["ci"][0] > 0.7 and r["n"] == 200
+    assert spearman_ci(a, a + rng.normal(scale=0.5, size=200), reps=300, seed=3)["ci"] != r["ci"]  # other data
+    b = np.where(np.arange(200) % 7 == 0, np.nan, a)  # NaN pairs are dropped
+    assert spearman_ci(a, b, reps=50)["n"] == 200 - 29
+
+
+def test_complexity_measures_rank_flat_below_busy_images() -> None:
+    rng = np.random.default_rng(0)
+    flat = np.full((64, 64, 3), 200, dtype=np.uint8)
+    ramp = np.repeat(np.linspace(0, 255, 64, dtype=np.uint8)[None, :, None], 64, 0).repeat(3, 2)
+    noise = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    m = complexity_measures(np.stack([flat, ramp, noise]))
+    assert set(m) == {"png_bpp", "jpeg_q75_bpp", "gradient"}
+    for values in m.values():
+        assert values[0] < values[2] and values[1] < values[2]
+    assert m["gradient"][0] == 0 and m["gradient"][1] == pytest.approx(1 / 63, rel=1e-6)  # a ramp of 1/63 per pixel
+
+
+def test_cli_analyze_complexity_writes_table_summary_and_plot(tok_dir: Path, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture) -> None:
+    scores = tmp_path / "scores.csv"
+    out = tmp_path / "cx"
+    rc = alit(["analyze", "complexity", "--tokenizer", str(tok_dir), "--out", str(out), "--device", "cpu",
+               "--bootstrap", "200", "--adaptive-threshold", "0.2", *DATA])
+    assert rc == 0, capsys.readouterr().err
+    lines = (out / "complexity.csv").read_text().splitlines()
+    header = lines[0].split(",")
+    assert header[:4] == ["index", "position", "label", "adaptive_budget"] and len(lines) == 13
+    assert {"l1_4", "l1_16", "png_bpp", "jpeg_q75_bpp", "gradient"} <= set(header)
+    summary = json.loads((out / "complexity.json").read_text())
+    assert summary["images"] == 12 and summary["budgets"] == [4, 8, 12, 16]
+    rows = [dict(zip(header, line.split(","), strict=True)) for line in lines[1:]]
+    assert summary["mean_adaptive_budget"] == pytest.approx(np.mean([int(r["adaptive_budget"]) for r in rows]))
+    budget_png = next(c for c in summary["correlations"]
+                      if c["measure"] == "png_bpp" and c["target"] == "adaptive_budget")
+    if budget_png["rho"] is not None:  # a constant budget has no rank correlation
+        x = [float(r["png_bpp"]) for r in rows]
+        y = [float(r["adaptive_budget"]) for r in rows]
+        assert budget_png["rho"] == pytest.approx(spearman(x, y), abs=1e-6)
+    l1_png = next(c for c in summary["correlations"] if c["measure"] == "png_bpp" and c["target"] == "l1_16")
+    assert l1_png["n"] == 12 and l1_png["ci95"][0] <= l1_png["rho"] <= l1_png["ci95"][1]
+    assert Image.open(out / "complexity.png").size[0] > 500
+    # a user score column: the source index of each row, a score equal to png_bpp gives rho = +1 against it
+    scores.write_text("index,mine\n" + "".join(f"{r['index']},{r['png_bpp']}\n" for r in rows))
+    rc = alit(["analyze", "complexity", "--tokenizer", str(tok_dir), "--out", str(out), "--device", "cpu",
+               "--bootstrap", "0", "--scores", str(scores), *DATA])
+    assert rc == 0, capsys.readouterr().err
+    summary = json.loads((out / "complexity.json").read_text())
+    mine = {c["target"]: c for c in summary["correlations"] if c["measure"] == "mine"}
+    png = {c["target"]: c for c in summary["correlations"] if c["measure"] == "png_bpp"}
+    assert mine["l1_8"]["rho"] == pytest.approx(png["l1_8"]["rho"], abs=1e-6) and mine["l1_8"]["n"] == 12
+    scores.write_text("name,mine\na,1\n")
+    capsys.readouterr()
+    assert alit(["analyze", "complexity", "--tokenizer", str(tok_dir), "--out", str(out), "--device", "cpu",
+                 "--scores", str(scores), *DATA]) == 2
+    err = capsys.readouterr().err
+    assert "'index'" in err and len(err.strip().splitlines()) == 1
