@@ -3,6 +3,8 @@
 - Complexity (:func:`measure_tokenizer`, :func:`complexity_analysis`): per image, the adaptive budget and
   the L1 of every budget (one ``encode_budgets`` pass) against PNG / JPEG bits per pixel, the mean gradient
   and user scores, as Spearman correlations with seeded bootstrap intervals, a table and a plot.
+- Familiarity (:func:`familiarity_analysis`): the same per-image measurements on an out-of-distribution
+  set against the in-distribution split: means, seeded permutation tests, a table and a plot.
 - Specialization maps (:func:`latent_attention_maps`, :func:`write_attention_maps`): each latent token's
   attention over the 2D grid, per iteration and layer, through an explicit-softmax path that is used only
   while :func:`record_attention` is active (the fast kernels of ``tokenizer.core.attention`` stay as they
@@ -454,3 +456,80 @@ def _write_csv(path: Path, columns: dict[str, np.ndarray]) -> None:
                 cells.append(str(v))
         lines.append(",".join(cells))
     atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+# ============================================================================ familiarity
+def permutation_test(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray, reps: int = 2000,
+                     seed: int = 0) -> float:
+    """Two-sided p-value of the difference of means of ``a`` and ``b`` under a seeded permutation test:
+    ``(1 + #{|perm diff| >= |observed diff|}) / (1 + reps)``."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if len(a) == 0 or len(b) == 0:
+        raise ValueError("permutation_test: both samples need at least one value")
+    if reps < 1:
+        raise UsageError(f"--permutations {reps} must be >= 1")
+    pooled = np.concatenate([a, b])
+    observed = abs(a.mean() - b.mean())
+    rng = np.random.default_rng(seed)
+    perms = np.argsort(rng.random((reps, len(pooled))), axis=1)
+    shuffled = pooled[perms]
+    diffs = np.abs(shuffled[:, :len(a)].mean(1) - shuffled[:, len(a):].mean(1))
+    return float((1 + np.count_nonzero(diffs >= observed - 1e-12)) / (1 + reps))
+
+
+FAMILIARITY_SUMMARY = "familiarity.json"
+
+
+def familiarity_analysis(ind: Measured, ood: Measured, out: str | Path, reps: int = 2000, seed: int = 0,
+                         meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    """In-distribution vs out-of-distribution: the mean adaptive budget and each budget's mean L1 of both
+    sets with permutation-test p-values (``familiarity.json``), one row per image (``familiarity.csv``)
+    and a plot (``familiarity.png``: budget histograms, L1 against budget)."""
+    if ind.budgets != ood.budgets:
+        raise ValueError("familiarity: both sets must be measured with the same tokenizer")
+    out = claim_out(out, FAMILIARITY_SUMMARY)
+    t_in, t_ood = _targets(ind), _targets(ood)
+    comparisons = []
+    for i, name in enumerate(t_in):
+        a, b = t_in[name], t_ood[name]
+        comparisons.append(dict(target=name, mean_in=round(float(a.mean()), 6), mean_ood=round(float(b.mean()), 6),
+                                difference=round(float(b.mean() - a.mean()), 6),
+                                p_value=round(permutation_test(a, b, reps, seed + i), 6)))
+    sets = np.array(["in"] * len(ind.positions) + ["ood"] * len(ood.positions))
+    table = {"set": sets, "index": np.concatenate([ind.source_indices, ood.source_indices]),
+             "label": np.concatenate([ind.labels, ood.labels]),
+             **{k: np.concatenate([t_in[k], t_ood[k]]) for k in t_in}}
+    _write_csv(out / "familiarity.csv", table)
+    budgets = list(ind.budgets)
+
+    def hist(m: Measured) -> list[float]:
+        return [float((m.lengths == k).mean()) for k in budgets]
+
+    summary = dict(kind="familiarity", images_in=len(ind.positions), images_ood=len(ood.positions),
+                   budgets=budgets, budget_histogram_in=hist(ind), budget_histogram_ood=hist(ood),
+                   permutations=dict(reps=reps, seed=seed, statistic="|difference of means|, two-sided"),
+                   comparisons=comparisons, table="familiarity.csv", plot="familiarity.png", **(meta or {}))
+
+    def draw(axes: Any) -> None:
+        ax = axes[0][0]
+        x = np.arange(len(budgets))
+        ax.bar(x - 0.2, hist(ind), 0.4, label=f"in-distribution (mean {ind.lengths.mean():.1f})")
+        ax.bar(x + 0.2, hist(ood), 0.4, label=f"out-of-distribution (mean {ood.lengths.mean():.1f})")
+        ax.set_xticks(x, [str(k) for k in budgets])
+        ax.set_xlabel("adaptive budget (tokens)")
+        ax.set_ylabel("share of images")
+        ax.set_title(f"adaptive budget (permutation p = {comparisons[0]['p_value']:.3g})")
+        ax.legend(fontsize=8)
+        ax = axes[0][1]
+        for m, label in ((ind, "in-distribution"), (ood, "out-of-distribution")):
+            sem = m.l1.std(0, ddof=1) / np.sqrt(len(m.l1)) if len(m.l1) > 1 else np.zeros(len(budgets))
+            ax.errorbar(budgets, m.l1.mean(0), yerr=sem, marker="o", capsize=3, label=label)
+        ax.set_xticks(budgets)
+        ax.set_xlabel("tokens")
+        ax.set_ylabel("mean L1 (clamped decode, [0, 1])")
+        ax.set_title("L1 against budget (± s.e.m.)")
+        ax.legend(fontsize=8)
+
+    _plot(out / "familiarity.png", draw, 1, 2, (5.0, 3.8))
+    write_json(out / FAMILIARITY_SUMMARY, summary)
+    return summary

@@ -13,6 +13,7 @@ from PIL import Image
 from sampling.analysis import (
     complexity_measures,
     latent_attention_maps,
+    permutation_test,
     record_attention,
     run_recurrence,
     spearman,
@@ -206,3 +207,49 @@ def test_cli_analyze_complexity_writes_table_summary_and_plot(tok_dir: Path, tmp
                  "--scores", str(scores), *DATA]) == 2
     err = capsys.readouterr().err
     assert "'index'" in err and len(err.strip().splitlines()) == 1
+
+
+# ============================================================================ familiarity
+def test_permutation_test_separates_shifted_samples() -> None:
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=40)
+    assert permutation_test(a, a + 2.0, reps=500) == pytest.approx(1 / 501)  # no permutation is as extreme
+    p_same = permutation_test(a, rng.normal(size=40), reps=500, seed=1)
+    assert 0.05 < p_same <= 1.0
+    assert permutation_test([1.0, 2.0], [1.0, 2.0], reps=100) == 1.0  # observed difference 0: every one ties
+    assert permutation_test(a, a + 0.3, reps=300, seed=5) == permutation_test(a, a + 0.3, reps=300, seed=5)
+
+
+def test_cli_analyze_familiarity_against_noise_images(tok_dir: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    rng = np.random.default_rng(0)
+    ood = tmp_path / "noise.npz"  # the out-of-distribution set: uniform RGB noise, 10 images
+    np.savez(ood, images=rng.integers(0, 256, (10, 64, 64, 3), dtype=np.uint8))
+    out = tmp_path / "fam"
+    rc = alit(["analyze", "familiarity", "--tokenizer", str(tok_dir), "--ood", str(ood), "--out", str(out),
+               "--device", "cpu", "--permutations", "300", "--adaptive-threshold", "0.2", *DATA])
+    assert rc == 0, capsys.readouterr().err
+    summary = json.loads((out / "familiarity.json").read_text())
+    assert (summary["images_in"], summary["images_ood"]) == (12, 10)
+    lines = (out / "familiarity.csv").read_text().splitlines()
+    header = lines[0].split(",")
+    rows = [dict(zip(header, line.split(","), strict=True)) for line in lines[1:]]
+    assert [r["set"] for r in rows] == ["in"] * 12 + ["ood"] * 10
+    by = {c["target"]: c for c in summary["comparisons"]}
+    assert list(by) == ["adaptive_budget", "l1_4", "l1_8", "l1_12", "l1_16"]
+    for target in by:
+        for side in ("in", "ood"):
+            mean = np.mean([float(r[target]) for r in rows if r["set"] == side])
+            assert by[target][f"mean_{side}"] == pytest.approx(mean, abs=1e-5)
+        assert 0 < by[target]["p_value"] <= 1
+    budgets = {s: [float(r["adaptive_budget"]) for r in rows if r["set"] == s] for s in ("in", "ood")}
+    assert by["adaptive_budget"]["p_value"] == pytest.approx(permutation_test(budgets["in"], budgets["ood"], 300, 0),
+                                                             abs=1e-6)  # the --seed 0 test of the table's values
+    assert sum(summary["budget_histogram_ood"]) == pytest.approx(1.0)
+    assert Image.open(out / "familiarity.png").size[0] > 500
+    capsys.readouterr()
+    assert alit(["analyze", "familiarity", "--tokenizer", str(tok_dir), "--out", str(tmp_path / "x"),
+                 "--device", "cpu", *DATA]) == 2
+    err = capsys.readouterr().err
+    assert "needs --ood" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists()  # nothing written for bad input

@@ -7,11 +7,18 @@
 against PNG bits per pixel, JPEG bits per pixel at quality 75, the mean gradient magnitude and the columns
 of ``--scores`` (a CSV with an ``index`` column: the source index, as in the table), as Spearman
 correlations with seeded bootstrap 95% intervals: ``complexity.csv``, ``complexity.json``, ``complexity.png``.
+
+    alit analyze familiarity --tokenizer runs/tok/final --ood DATA --out runs/analysis/familiarity
+
+``familiarity``: the same measurements on ``--ood`` (a folder of images or an .npz, all of it by default:
+``--ood-split``) against the in-distribution split (``--split``, default val), with the means, seeded
+permutation-test p-values and a plot: ``familiarity.csv``, ``familiarity.json``, ``familiarity.png``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 from tokenizer.core.errors import UsageError
 
@@ -19,7 +26,7 @@ from .inspect import add_data_options, load_spec
 
 TAKES_OVERRIDES = True  # data.* overrides, e.g. data.max_images=64
 USER_ERRORS = (ValueError, KeyError)
-ANALYSES = ("complexity",)
+ANALYSES = ("complexity", "familiarity")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -35,18 +42,30 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap / permutations")
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of each correlation")
     parser.add_argument("--scores", default=None, help="complexity: a CSV of per-image scores (index,score,...)")
+    parser.add_argument("--ood", default=None, help="familiarity: the out-of-distribution images (folder or .npz)")
+    parser.add_argument("--ood-split", default="all", help="familiarity: the split of --ood (default all)")
+    parser.add_argument("--permutations", type=int, default=2000, help="familiarity: permutations per test")
     add_data_options(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    from sampling.analysis import complexity_analysis, measure_tokenizer, read_scores
+    from sampling.analysis import complexity_analysis, familiarity_analysis, measure_tokenizer, read_scores
     from sampling.generate import default_device, eval_positions, load_models
     from tokenizer.core.data import build_dataset
 
     if args.num_images is not None and args.num_images < 1:
         raise UsageError(f"--num-images {args.num_images} must be >= 1")
+    if args.permutations < 1:
+        raise UsageError(f"--permutations {args.permutations} must be >= 1")
     if args.bootstrap < 0:
         raise UsageError(f"--bootstrap {args.bootstrap} must be >= 0")
+    if args.analysis == "familiarity" and not args.ood:
+        raise UsageError("analyze familiarity needs --ood DATA: a folder of images or an .npz of "
+                         "out-of-distribution images")
+    if args.analysis != "familiarity" and args.ood:
+        raise UsageError(f"--ood is for analyze familiarity, not {args.analysis}")
+    if args.analysis != "complexity" and args.scores:
+        raise UsageError(f"--scores is for analyze complexity, not {args.analysis}")
     spec = load_spec(args)
     models = load_models(args.tokenizer, None, args.device or default_device())
     dataset = build_dataset(spec.data, args.split)
@@ -55,6 +74,19 @@ def run(args: argparse.Namespace) -> int:
     meta = dict(tokenizer=str(args.tokenizer), tokenizer_id=models.tokenizer_identity["id"],
                 data=spec.data.source, split=args.split, threshold=args.adaptive_threshold)
     measured = measure_tokenizer(models.tokenizer, dataset, positions, args.adaptive_threshold, args.batch_size)
+    if args.analysis == "familiarity":
+        ood_data = dataclasses.replace(spec.data, source=str(args.ood))
+        ood = build_dataset(ood_data, args.ood_split)
+        ood_positions = eval_positions(ood, args.num_images, ood_data.split_seed)
+        ood_measured = measure_tokenizer(models.tokenizer, ood, ood_positions, args.adaptive_threshold,
+                                         args.batch_size)
+        meta.update(ood=str(args.ood), ood_split=args.ood_split)
+        summary = familiarity_analysis(measured, ood_measured, args.out, reps=args.permutations, seed=args.seed,
+                                       meta=meta)
+        for c in summary["comparisons"]:
+            print(f"[analyze] {c['target']}: in {c['mean_in']} vs ood {c['mean_ood']} (p = {c['p_value']})")
+        print(f"[analyze] familiarity of {summary['images_in']} + {summary['images_ood']} images -> {args.out}")
+        return 0
     summary = complexity_analysis(measured, args.out, scores, reps=args.bootstrap, seed=args.seed, meta=meta)
     for c in summary["correlations"]:
         if c["target"] == "adaptive_budget":
