@@ -5,6 +5,9 @@
   and user scores, as Spearman correlations with seeded bootstrap intervals, a table and a plot.
 - Familiarity (:func:`familiarity_analysis`): the same per-image measurements on an out-of-distribution
   set against the in-distribution split: means, seeded permutation tests, a table and a plot.
+- Token selection by task (:func:`measure_tasks`, :func:`tsc_choices`, :func:`tsc_analysis`): token-count
+  criteria beyond L1 (an LPIPS threshold; the smallest budget at which a classifier, a plug-in, keeps its
+  class), with each criterion's mean token count and task accuracy, as the paper's Fig. 5.
 - Specialization maps (:func:`latent_attention_maps`, :func:`write_attention_maps`): each latent token's
   attention over the 2D grid, per iteration and layer, through an explicit-softmax path that is used only
   while :func:`record_attention` is active (the fast kernels of ``tokenizer.core.attention`` stay as they
@@ -532,4 +535,129 @@ def familiarity_analysis(ind: Measured, ood: Measured, out: str | Path, reps: in
 
     _plot(out / "familiarity.png", draw, 1, 2, (5.0, 3.8))
     write_json(out / FAMILIARITY_SUMMARY, summary)
+    return summary
+
+
+# ============================================================================ token selection by task
+@dataclass
+class TaskMeasured:
+    """Per image and budget what the token-count-selection (TSC) criteria read."""
+
+    budgets: tuple[int, ...]
+    labels: np.ndarray  # (n,) true classes
+    l1_lengths: np.ndarray  # (n,) the L1 criterion's budget (encode_budgets at the threshold)
+    l1: np.ndarray  # (n, nb) L1 of the clamped decode, [0, 1] units
+    distance: np.ndarray | None  # (n, nb) perceptual distance (LPIPS) of each budget's reconstruction
+    pred_recon: np.ndarray  # (n, nb) the classifier's class on each budget's reconstruction
+    pred_orig: np.ndarray  # (n,) the classifier's class on the original
+
+
+@torch.no_grad()
+def measure_tasks(tokenizer: ALITTokenizer, dataset: ImageDataset, positions: np.ndarray, classifier: Any,
+                  l1_threshold: float, distance: Any | None = None, batch_size: int = 32) -> TaskMeasured:
+    """One ``encode_budgets`` pass per batch, one decode per budget; ``classifier`` maps images in [-1, 1]
+    to logits, ``distance(x, y) -> (B,)`` (e.g. :class:`tokenizer.lpips.LPIPS`) is optional."""
+    from .classifier import predict
+
+    if batch_size < 1:
+        raise UsageError(f"--batch-size {batch_size} must be >= 1")
+    device = next(tokenizer.parameters()).device
+    budgets = tuple(tokenizer.budgets)
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("labels", "len", "l1", "dist", "pr", "po")}
+    for start in range(0, len(positions), batch_size):
+        items = [dataset[int(p)] for p in positions[start:start + batch_size]]
+        images = torch.stack([x for x, _ in items]).to(device)
+        codes = tokenizer.encode_budgets(images, l1_threshold)
+        assert codes.adaptive_lengths is not None
+        l1, dist, pred = [], [], []
+        for k in budgets:
+            recon = tokenizer.decode(codes.ids[k])
+            l1.append((recon - images).abs().flatten(1).mean(1).div(2).cpu().numpy())
+            pred.append(predict(classifier, recon).cpu().numpy())
+            if distance is not None:
+                dist.append(distance(recon, images).float().cpu().numpy())
+        parts["labels"].append(np.asarray([y for _, y in items], dtype=np.int64))
+        parts["len"].append(codes.adaptive_lengths.cpu().numpy())
+        parts["l1"].append(np.stack(l1, 1))
+        parts["pr"].append(np.stack(pred, 1))
+        parts["po"].append(predict(classifier, images).cpu().numpy())
+        if distance is not None:
+            parts["dist"].append(np.stack(dist, 1))
+    cat = {k: np.concatenate(v) if v else None for k, v in parts.items()}
+    return TaskMeasured(budgets, cat["labels"], cat["len"].astype(np.int64), cat["l1"].astype(np.float64),
+                        None if cat["dist"] is None else cat["dist"].astype(np.float64),
+                        cat["pr"].astype(np.int64), cat["po"].astype(np.int64))
+
+
+def first_budget(ok: np.ndarray, budgets: Sequence[int], fallback: np.ndarray) -> np.ndarray:
+    """Per row of ``ok (n, nb)`` the first budget where it holds, else ``fallback (n,)`` (a budget)."""
+    ok = np.asarray(ok, dtype=bool)
+    b = np.asarray(budgets)
+    return np.where(ok.any(1), b[ok.argmax(1)], fallback)
+
+
+def tsc_choices(m: TaskMeasured, lpips_threshold: float | None = None,
+                task_target: str = "prediction") -> dict[str, np.ndarray]:
+    """Each criterion's budget per image: ``l1`` (encode_budgets' choice), ``lpips`` (first budget with the
+    distance below ``lpips_threshold``, else the lowest-distance one), ``task`` (first budget whose
+    reconstruction the classifier puts in the original's predicted class, or with ``task_target='label'``
+    the true class; else the largest budget)."""
+    if task_target not in ("prediction", "label"):
+        raise UsageError(f"--task-target {task_target!r} is unknown: choose prediction or label")
+    b = np.asarray(m.budgets)
+    out = {"l1": m.l1_lengths}
+    if m.distance is not None and lpips_threshold is not None:
+        out["lpips"] = first_budget(m.distance < lpips_threshold, m.budgets, b[m.distance.argmin(1)])
+    target = m.pred_orig if task_target == "prediction" else m.labels
+    out["task"] = first_budget(m.pred_recon == target[:, None], m.budgets, np.full(len(target), b[-1]))
+    return out
+
+
+TSC_SUMMARY = "tsc.json"
+
+
+def tsc_analysis(m: TaskMeasured, out: str | Path, lpips_threshold: float | None = None,
+                 task_target: str = "prediction", meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The mean token count and the task accuracy (the classifier's class on the reconstruction at the chosen
+    budget against the true label) per criterion and per fixed budget: :data:`TSC_SUMMARY`, ``tsc.csv``
+    and ``tsc.png`` (accuracy against mean tokens, as the paper's Fig. 5)."""
+    out = claim_out(out, TSC_SUMMARY)
+    choices = tsc_choices(m, lpips_threshold, task_target)
+    col = {k: i for i, k in enumerate(m.budgets)}
+    rows = np.arange(len(m.labels))
+
+    def row(budgets: np.ndarray) -> dict[str, float]:
+        pred = m.pred_recon[rows, [col[int(k)] for k in budgets]]
+        return dict(mean_tokens=round(float(budgets.mean()), 4),
+                    accuracy=round(float((pred == m.labels).mean()), 4),
+                    agreement=round(float((pred == m.pred_orig).mean()), 4))
+
+    criteria = {name: row(b) for name, b in choices.items()}
+    fixed = {str(k): row(np.full(len(rows), k)) for k in m.budgets}
+    summary = dict(kind="tsc", images=len(rows), budgets=list(m.budgets), task_target=task_target,
+                   lpips_threshold=lpips_threshold,
+                   original_accuracy=round(float((m.pred_orig == m.labels).mean()), 4),
+                   criteria=criteria, fixed_budgets=fixed, table="tsc.csv", plot="tsc.png", **(meta or {}))
+    table: dict[str, np.ndarray] = {"label": m.labels, "pred_original": m.pred_orig,
+                                    **{f"budget_{name}": b for name, b in choices.items()},
+                                    **{f"pred_{k}": m.pred_recon[:, i] for i, k in enumerate(m.budgets)},
+                                    **{f"l1_{k}": m.l1[:, i] for i, k in enumerate(m.budgets)}}
+    if m.distance is not None:
+        table.update({f"lpips_{k}": m.distance[:, i] for i, k in enumerate(m.budgets)})
+    _write_csv(out / "tsc.csv", table)
+
+    def draw(axes: Any) -> None:
+        ax = axes[0][0]
+        ax.plot(list(m.budgets), [fixed[str(k)]["accuracy"] for k in m.budgets], "o-", color="grey",
+                label="fixed budget")
+        for name, r in criteria.items():
+            ax.scatter([r["mean_tokens"]], [r["accuracy"]], s=60, zorder=3, label=f"TSC {name}")
+        ax.axhline(summary["original_accuracy"], ls="--", color="k", lw=1, label="originals")
+        ax.set_xlabel("mean tokens per image")
+        ax.set_ylabel("classification accuracy")
+        ax.set_title("task accuracy against token count")
+        ax.legend(fontsize=8)
+
+    _plot(out / "tsc.png", draw, 1, 1, (5.5, 4.0))
+    write_json(out / TSC_SUMMARY, summary)
     return summary

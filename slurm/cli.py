@@ -71,7 +71,7 @@ COMMANDS: tuple[Command, ...] = (
             "token specialization maps: each latent token's attention over the 2D grid, as image overlays",
             "alit inspect --tokenizer runs/emoji_finetune/final --images 4 --out runs/inspect"),
     Command("analyze", "slurm.commands.analyze",
-            "the paper's analyses: adaptive token counts against image complexity and familiarity (OOD)",
+            "the paper's analyses: token counts against complexity and familiarity (OOD), selection by task",
             "alit analyze complexity --tokenizer runs/emoji_finetune/final --out runs/analysis/complexity"),
 )
 

@@ -11,16 +11,20 @@ import torch
 from PIL import Image
 
 from sampling.analysis import (
+    TaskMeasured,
     complexity_measures,
     latent_attention_maps,
+    measure_tasks,
     permutation_test,
     record_attention,
     run_recurrence,
     spearman,
     spearman_ci,
+    tsc_choices,
 )
 from slurm.cli import main as alit
 from tokenizer.alit import ALITTokenizer
+from tokenizer.core.data import DataConfig, build_dataset
 from tokenizer.vq import BaseVQ, base_vq_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -253,3 +257,75 @@ def test_cli_analyze_familiarity_against_noise_images(tok_dir: Path, tmp_path: P
     err = capsys.readouterr().err
     assert "needs --ood" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "x").exists()  # nothing written for bad input
+
+
+# ============================================================================ token selection by task
+class _Constant(torch.nn.Module):
+    """A classifier that always says class ``c``: it agrees with itself at every budget."""
+
+    def __init__(self, c: int = 3, classes: int = 10) -> None:
+        super().__init__()
+        self.c, self.classes = c, classes
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.one_hot(torch.full((len(images),), self.c), self.classes).float()
+
+
+def test_task_criterion_never_exceeds_l1_when_the_classifier_always_agrees(tok: ALITTokenizer) -> None:
+    data = build_dataset(DataConfig(max_images=24, val_fraction=0.5), "val")
+    m = measure_tasks(tok, data, np.arange(len(data)), _Constant(), l1_threshold=0.2,
+                      distance=lambda x, y: (x - y).pow(2).flatten(1).mean(1))
+    choice = tsc_choices(m, lpips_threshold=0.3)
+    assert set(choice) == {"l1", "lpips", "task"}
+    assert (choice["task"] <= choice["l1"]).all() and (choice["task"] == tok.budgets[0]).all()
+    assert len(set(choice["l1"].tolist())) > 1  # the L1 criterion varies: the comparison is not vacuous
+    assert set(choice["lpips"].tolist()) <= set(tok.budgets)
+    # a classifier that keeps the class only from 12 tokens on: the task criterion picks 12 (or the largest)
+    b = np.array(tok.budgets)
+    pred = np.where(b[None] >= 12, 5, 0).repeat(4, 0)
+    synthetic = TaskMeasured(tok.budgets, np.full(4, 5), np.full(4, 4), np.zeros((4, 4)), None, pred, np.full(4, 5))
+    assert tsc_choices(synthetic)["task"].tolist() == [12] * 4
+    synthetic.pred_recon[:] = 0  # never right: the largest budget
+    assert tsc_choices(synthetic, task_target="label")["task"].tolist() == [16] * 4
+
+
+def test_cli_train_classifier_then_tsc_report(tok_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from sampling.classifier import TinyClassifier
+    from tokenizer.lpips import resolve_lpips
+
+    clf = tmp_path / "clf"
+    rc = alit(["analyze", "train-classifier", "--out", str(clf), "--steps", "20", "--batch-size", "8",
+               "--device", "cpu", "data.max_images=40", "data.val_fraction=0.25"])
+    assert rc == 0, capsys.readouterr().err
+    meta = json.loads((clf / "config.json").read_text())
+    assert meta["config"]["num_classes"] == 10 and meta["training"]["steps"] == 20
+    assert TinyClassifier.from_pretrained(clf)(torch.zeros(2, 3, 64, 64)).shape == (2, 10)
+    try:
+        resolve_lpips()
+        lpips = ["--lpips-threshold", "0.3"]
+    except Exception:  # no LPIPS weights offline here: the LPIPS criterion is left out
+        lpips = []
+    out = tmp_path / "tsc"
+    rc = alit(["analyze", "tsc", "--tokenizer", str(tok_dir), "--classifier", str(clf), "--out", str(out),
+               "--device", "cpu", "--adaptive-threshold", "0.2", *lpips, *DATA])
+    assert rc == 0, capsys.readouterr().err
+    summary = json.loads((out / "tsc.json").read_text())
+    assert set(summary["criteria"]) == ({"l1", "lpips", "task"} if lpips else {"l1", "task"})
+    lines = (out / "tsc.csv").read_text().splitlines()
+    header = lines[0].split(",")
+    rows = [dict(zip(header, line.split(","), strict=True)) for line in lines[1:]]
+    assert len(rows) == 12
+    for name, r in summary["criteria"].items():
+        chosen = [int(row[f"budget_{name}"]) for row in rows]
+        assert r["mean_tokens"] == pytest.approx(np.mean(chosen), abs=1e-4)
+        right = [row[f"pred_{k}"] == row["label"] for row, k in zip(rows, chosen, strict=True)]
+        assert r["accuracy"] == pytest.approx(np.mean(right), abs=1e-4)
+    # the task criterion keeps the original's class wherever some budget does: no fixed budget agrees more
+    assert summary["criteria"]["task"]["agreement"] >= max(v["agreement"] for v in summary["fixed_budgets"].values())
+    assert ("lpips" in summary["criteria"]) == bool(lpips)
+    assert Image.open(out / "tsc.png").size[0] > 300
+    capsys.readouterr()
+    assert alit(["analyze", "tsc", "--tokenizer", str(tok_dir), "--classifier", str(tmp_path / "none"),
+                 "--out", str(tmp_path / "t2"), "--device", "cpu", *DATA]) == 2
+    err = capsys.readouterr().err
+    assert "train-classifier" in err and len(err.strip().splitlines()) == 1
