@@ -222,6 +222,7 @@ class FidInput:
     _member: _NpzMember | None = None
     _array: np.ndarray | None = None
     _dataset: Any = None
+    _moments: dict[str, GaussianStats] = field(default_factory=dict)  # of ``features``, per protocol id
 
     @property
     def has_images(self) -> bool:
@@ -411,12 +412,15 @@ def input_stats(item: FidInput, extractor: FeatureExtractor) -> GaussianStats:
             raise FidIOError(f"{item.path} was computed under {item.stats.protocol}, this comparison uses "
                              f"{extractor.protocol_id}: pass the matching --protocol or recompute the statistics")
         return item.stats
-    features = input_features(item, extractor)
-    if features is None or len(features) < 2:
-        raise FidIOError(f"{item.path} gives {0 if features is None else len(features)} feature vectors; FID "
-                         "needs at least 2 images")
-    return GaussianStats.from_feature_stats(FeatureStats.from_features(features, extractor.protocol_id),
-                                            item.format)
+    protocol_id = extractor.protocol_id
+    if protocol_id not in item._moments:
+        features = input_features(item, extractor)
+        if features is None or len(features) < 2:
+            raise FidIOError(f"{item.path} gives {0 if features is None else len(features)} feature vectors; FID "
+                             "needs at least 2 images")
+        item._moments[protocol_id] = GaussianStats.from_feature_stats(
+            FeatureStats.from_features(features, protocol_id), item.format)
+    return item._moments[protocol_id]
 
 
 def compare(a: FidInput, b: FidInput, extractor: FeatureExtractor, *, metrics: bool = True,
