@@ -1,6 +1,6 @@
 """ADM-format batches, foreign statistics files, ``alit fid-stats`` and ``alit fid`` (sampling/fid_io.py).
 
-Real images: 32 emoji flags (A) and 32 smileys (B) of the embedded Noto set, written by the test as PNG
+Real images: 24 emoji flags (A) and 24 smileys (B) of the embedded Noto set, written by the test as PNG
 folders and npz batches, through the real offline FID Inception. Each image set's features are extracted
 once per module (the ``FidInput`` objects keep them); the commands extract again where that is what is
 tested (a folder vs its own npz batch, a statistics file written by ``alit fid-stats``).
@@ -37,7 +37,7 @@ from sampling.fid_io import (
 from slurm.cli import main as alit
 from tokenizer.core.data import DataConfig, build_dataset
 
-N = 32
+N = 24
 CATEGORIES = ("Flags", "Smileys & Emotion")
 KID_SUBSETS = 10  # torch-fidelity's KID loop costs ~0.05 s per subset at D = 2048 here
 
@@ -230,7 +230,7 @@ def test_fid_stats_file_vs_batch_equals_batch_vs_batch(files, inputs, extractor,
     text = capsys.readouterr().out
     assert _rel(_fid_line(text), batch_vs_batch["fid"]) < 1e-5
     assert f"protocol: torch_fidelity ({extractor.protocol_id})" in text
-    assert "n_A=32, n_B=32" in text and re.search(r"^KID: ", text, re.M) and "precision: " in text
+    assert f"n_A={N}, n_B={N}" in text and re.search(r"^KID: ", text, re.M) and "precision: " in text
     assert "Inception Score" in text
     assert _rel(json.loads(report.read_text())["fid"], batch_vs_batch["fid"]) < 1e-9
     # a statistics file of one protocol is refused under another, before any image is read
@@ -263,3 +263,36 @@ def test_fid_stats_shards_and_debug_job_array_equal_one_pass(files, inputs, imag
     mu_b, sigma_b = b.mean(axis=0), np.cov(b, rowvar=False)
     assert _rel(frechet_distance(merged.mu, merged.sigma, mu_b, sigma_b),
                 frechet_distance(one_pass.mu, one_pass.sigma, mu_b, sigma_b)) < 1e-5
+
+
+def test_fid_stats_of_a_dataset_split_under_clean_fid(tmp_path, capsys):
+    out = tmp_path / "all_clean.npz"
+    assert alit(["fid-stats", "--split", "all", "data.source=emoji", "data.max_images=6", "--protocol", "clean_fid",
+                 "--out", str(out), "--device", "cpu", "--no-progress"]) == 0
+    stats = read_stats(out)
+    assert stats.n == 6 and stats.protocol.startswith("clean-fid==")
+    assert "split=all" in str(np.load(out)["source"])
+    assert alit(["fid", str(out), str(out), "--device", "cpu"]) == 0  # the protocol comes from the file
+    text = capsys.readouterr().out
+    assert "protocol: clean_fid (clean-fid==" in text and abs(_fid_line(text)) < 1e-3
+    assert "KID and precision/recall need per-image features" in text
+    assert alit(["fid-stats", str(tmp_path), "--split", "val", "--out", str(tmp_path / "x.npz")]) == 2
+    assert "not both" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_alit_fid_of_two_folders_equals_torch_fidelity_calculate_metrics(files, tmp_path, capsys):
+    from torch_fidelity import calculate_metrics
+
+    from sampling.inception import torch_fidelity_kwargs
+
+    report = tmp_path / "fid.json"
+    assert alit(["fid", str(files["a_png"]), str(files["b_png"]), "--device", "cpu", "--no-progress",
+                 "--kid-subset-size", str(N), "--json", str(report)]) == 0
+    ours = json.loads(report.read_text())
+    theirs = calculate_metrics(input1=str(files["a_png"]), input2=str(files["b_png"]), fid=True, kid=True,
+                               cuda=False, cache=False, verbose=False, batch_size=N, kid_subset_size=N,
+                               **torch_fidelity_kwargs())
+    assert ours["fid"] > 50
+    assert _rel(ours["fid"], theirs["frechet_inception_distance"]) <= 1e-4
+    assert _rel(ours["kid_mean"], theirs["kernel_inception_distance_mean"]) <= 1e-4
