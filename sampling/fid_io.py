@@ -101,17 +101,6 @@ class GaussianStats:
     def from_feature_stats(cls, stats: FeatureStats, fmt: str = "computed") -> GaussianStats:
         return cls(stats.mean, stats.cov, stats.n, stats.protocol or None, fmt)
 
-    def to_feature_stats(self) -> FeatureStats:
-        """The float64 sums these moments imply (needs ``n``): shards and merges of ``alit fid-stats``."""
-        if self.n is None:
-            raise FidIOError(f"these {self.format} statistics do not say how many images they hold, so they "
-                             "cannot be merged; recompute them with alit fid-stats")
-        out = FeatureStats(self.mu.shape[0], self.protocol)
-        out.n = self.n
-        out.sum = self.mu * self.n
-        out.sum_outer = self.sigma * (self.n - 1) + np.outer(out.sum, out.sum) / self.n
-        return out
-
 
 def _check_moments(path: Path, mu: np.ndarray, sigma: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     mu, sigma = np.asarray(mu, dtype=np.float64), np.asarray(sigma, dtype=np.float64)

@@ -156,6 +156,8 @@ def test_unknown_or_bad_npz_is_refused_in_one_line(tmp_path, capsys):
     assert "give either DATA" in capsys.readouterr().err
     assert alit(["fid-stats", str(tmp_path / "foo.npz"), "--out", str(tmp_path / "s.txt")]) == 2
     assert ".npz" in capsys.readouterr().err
+    assert alit(["fid-stats", str(tmp_path), "--out", str(tmp_path / "s.npz"), "data.resolution=32"]) == 2
+    assert "use them with --split" in capsys.readouterr().err
     assert not (tmp_path / "s.npz").exists() and not (tmp_path / "s.txt").exists()
 
 

@@ -56,7 +56,8 @@ def _flag_problem(args: argparse.Namespace, slurm_overrides: list[str]) -> str |
     if (args.data is None) == (args.split is None):
         return ("give either DATA (a folder of images or an .npz batch) or --split S with data.source=..., "
                 "not " + ("both" if args.data is not None else "neither"))
-    if args.split is None and (args.config or getattr(args, "overrides", None)):
+    own = [o for o in getattr(args, "overrides", None) or [] if o not in slurm_overrides]
+    if args.split is None and (args.config or own):
         return "--config and data.* overrides describe a dataset: use them with --split S instead of DATA"
     if args.cluster == "none":
         if args.shard is not None:
