@@ -183,12 +183,16 @@ class _NpzMember:
         with zipfile.ZipFile(self.path) as zf, zf.open(f"{self.name}.npy") as member:
             yield member
 
-    def rows(self, start: int, stop: int) -> np.ndarray:
+    def iter_rows(self, start: int, stop: int, batch_size: int) -> Iterator[np.ndarray]:
+        """Rows ``[start, stop)`` in slices of ``batch_size``, read sequentially from one open member
+        (a compressed member is decompressed once, not once per slice)."""
         row = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
         with self._open() as f:
             f.seek(self.offset + start * row)
-            data = f.read((stop - start) * row)
-        return np.frombuffer(data, dtype=self.dtype).reshape((stop - start, *self.shape[1:]))
+            for lo in range(start, stop, batch_size):
+                count = min(batch_size, stop - lo)
+                data = f.read(count * row)
+                yield np.frombuffer(data, dtype=self.dtype).reshape((count, *self.shape[1:]))
 
 
 @dataclass
@@ -220,6 +224,9 @@ class FidInput:
     def batches(self, batch_size: int = 64, start: int = 0, stop: int | None = None) -> Iterator[np.ndarray]:
         """(b, H, W, 3) uint8 batches of images ``[start, stop)`` (a folder's sizes may vary between batches)."""
         stop = self.count if stop is None else min(stop, self.count)
+        if self._member is not None:
+            yield from self._member.iter_rows(start, stop, batch_size)
+            return
         for lo in range(start, stop, batch_size):
             hi = min(lo + batch_size, stop)
             if self._files is not None:
@@ -231,8 +238,6 @@ class FidInput:
                     else:
                         groups.append([image])
                 yield from (np.stack(g) for g in groups)
-            elif self._member is not None:
-                yield self._member.rows(lo, hi)
             elif self._array is not None:
                 yield self._array[lo:hi]
             elif self._dataset is not None:
