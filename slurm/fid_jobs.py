@@ -7,7 +7,8 @@ features, ``...feats.npy``). A shard file already written for the same request i
 task or a re-run continues; whichever run finds every shard present writes ``--out``
 (:func:`sampling.fid_io.write_fid_stats`, format ``alit-fid-stats/1``). The shard files are kept (they
 are this tool's; remove them once ``--out`` exists). On a cluster the array's tasks are the shards and
-the merge job (:func:`slurm.arrays.submit_with_merge`, as :mod:`slurm.tokenize_jobs`) writes ``--out``.
+the merge job (:func:`slurm.arrays.submit_with_merge`, as :mod:`slurm.tokenize_jobs`) writes ``--out``;
+the jobs' logs go to ``<out stem>.jobs/slurm/<job id>/`` beside it.
 
     request = FidStatsRequest.from_parts("runs/samples/folder", None, "val", "stats.npz")
     request.run_shard(0, 1)                                   # everything, in this process

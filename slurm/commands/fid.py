@@ -17,8 +17,12 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tokenizer.core.errors import UsageError
+
+if TYPE_CHECKING:
+    from sampling.fid_io import FidInput
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -37,7 +41,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def _protocol_of(items: list, explicit: str | None) -> str:
+def _protocol_of(items: list[FidInput], explicit: str | None) -> str:
     """``--protocol``, else the protocol a statistics file names, else torch_fidelity."""
     named = {("torch_fidelity" if i.stats.protocol.startswith("torch-fidelity==") else "clean_fid")
              for i in items if i.stats is not None and i.stats.protocol}
