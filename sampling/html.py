@@ -46,7 +46,10 @@ def render_html(report_dir: str | Path, title: str = "alit-stack report", extra:
     for name, caption in [("fid_vs_tokens.png", "rFID and gFID against the token budget"),
                           ("adaptive_histogram.png", "budgets chosen per image by token-count selection"),
                           ("reconstructions.png", "reconstructions: rows = images; columns = original, then each "
-                                                  "budget (and adaptive)")]:
+                                                  "budget (and adaptive)"),
+                          ("specialization.png", "token specialization: each latent token's attention over the 2D "
+                                                 "grid (rows = the first iteration's tokens, last encoder layer; "
+                                                 "columns = validation images; alit inspect draws more)")]:
         if (root / name).is_file():
             figures.append(f"<figure>{_img(root / name, caption)}<figcaption>{html.escape(caption)}</figcaption></figure>")
     for p in sorted(root.glob("samples_*.png")):

@@ -79,7 +79,7 @@ from generator.tokens import total_variation
 from tokenizer.core.config import git_commit, to_dict
 from tokenizer.core.data import DataConfig, build_dataset
 from tokenizer.core.images import from_uint8, grid_array, save_grid
-from tokenizer.core.io import atomic_write_text, package_version
+from tokenizer.core.io import atomic_path, atomic_write_text, package_version
 from tokenizer.core.paths import cache_dir
 
 from .fid import (
@@ -487,6 +487,8 @@ class Evaluation:
         files = ["report.json", "report.md", "fid_vs_tokens.png", "reconstructions.png"]
         plot_fid_vs_tokens(report, out / "fid_vs_tokens.png")
         self._reconstructions_figure(merged, out / "reconstructions.png")
+        self._specialization_figure(out / "specialization.png")
+        files.append("specialization.png")
         for key in [*self.budgets, ADAPTIVE]:
             if (GEN, key) in merged:
                 name = f"samples_{budget_label(key)}.png"
@@ -595,6 +597,21 @@ class Evaluation:
                 label = f"TSC t={self.settings.adaptive_threshold:g}" if b == ADAPTIVE else f"{b} tokens"
                 columns.append((label, merged[(RECON, b)].preview_images(k)))
         plot_image_table(columns, path)
+
+    def _specialization_figure(self, path: Path, images: int = 4, max_tokens: int = 16) -> None:
+        """Token specialization maps of the first validation images (``alit inspect`` draws more): each
+        latent token's attention over the 2D grid in the last encoder layer at the first iteration (rows =
+        tokens, up to ``max_tokens``; columns = images), from the explicit-softmax inspection path."""
+        from .analysis import latent_attention_maps, overlay_grid
+
+        k = min(images, len(self.positions))
+        pixels = np.concatenate([self.dataset.uint8_images(int(p), int(p) + 1) for p in self.positions[:k]])
+        tok = self.models.tokenizer
+        last = tok.config.depth - 1
+        x = from_uint8(pixels).to(next(tok.parameters()).device)  # (k, 3, R, R) in [-1, 1]
+        grid = latent_attention_maps(tok, x, "encoder", iterations=[0], layers=[last])[(0, last)]  # (k, T, G, G)
+        with atomic_path(path) as tmp:
+            overlay_grid(pixels, grid[:, :max_tokens].float().cpu().numpy()).save(tmp, format="PNG")
 
 
 HELDOUT_KEYS = ("ids_bits_per_token", "length_bits_per_token", "length_bits_per_image",
@@ -751,7 +768,9 @@ def render_markdown(report: dict[str, Any]) -> str:
                           f"({a['length_bits_per_image']:.3f} bits/image; TSC histogram "
                           f"{a['histogram_length_bits_per_token']:.4f})."]
     lines += ["", "## Figures", "", "![FID against tokens](fid_vs_tokens.png)", "",
-              "Reconstructions (columns: original, each budget, TSC):", "", "![reconstructions](reconstructions.png)"]
+              "Reconstructions (columns: original, each budget, TSC):", "", "![reconstructions](reconstructions.png)",
+              "", "Token specialization (each first-iteration latent token's attention over the 2D grid, last "
+              "encoder layer; rows = tokens, columns = images):", "", "![specialization](specialization.png)"]
     for name in report["files"]:
         if name.startswith("samples_"):
             lines += ["", f"Samples, {name[len('samples_'):-4]}:", "", f"![{name}]({name})"]

@@ -209,7 +209,7 @@ def test_eval_report_and_feature_cache(ckpts: dict[str, Path], tmp_path: Path, c
     first = capsys.readouterr()
     assert "reused cached features" not in first.err and "rFID" in first.out
     files = {"report.json", "report.md", "fid_vs_tokens.png", "reconstructions.png", "samples_budget004.png",
-             "samples_budget008.png", "adaptive_histogram.png"}
+             "samples_budget008.png", "adaptive_histogram.png", "specialization.png"}
     assert {p.name for p in out.iterdir()} == files
     for name in files - {"report.json", "report.md"}:
         with Image.open(out / name) as im:
@@ -228,6 +228,8 @@ def test_eval_report_and_feature_cache(ckpts: dict[str, Path], tmp_path: Path, c
     assert report["versions"]["torch-fidelity"] and report["data"]["n_images"] == 16
     md = (out / "report.md").read_text()
     assert "| 4 |" in md and "![reconstructions](reconstructions.png)" in md
+    with Image.open(out / "specialization.png") as im:  # rows = the 4 first-iteration tokens, columns = 4 images
+        assert im.size == (4 * 66 + 2, 4 * 66 + 2), im.size
 
     # the validator catches departures from the schema
     for break_it in (lambda r: r["budgets"][0].pop("rfid"), lambda r: r["adaptive"]["histogram"].update({"4": 99}),
