@@ -195,6 +195,17 @@ def test_reconstruct_layout(ckpts: dict[str, Path], tmp_path: Path) -> None:
     adaptive = load_image_set(tmp_path / tag / "recon-adaptive-t0.2" / "reconstructions.npz")
     _, lengths = tok.encode_adaptive(x, 0.2)
     assert np.array_equal(adaptive["budgets"], lengths.numpy())
+    # --adm: the set also as an ADM batch (arr_0 uint8 NHWC, arr_1 labels), which the FID tools read back
+    assert alit(["reconstruct", "--tokenizer", str(ckpts["tok_a"]), "--budgets", "4", "--num-images", "6",
+                 "--batch-size", "4", "--out", str(tmp_path), "--device", "cpu", "--no-progress", "--adm",
+                 "data.source=emoji"]) == 0
+    with np.load(tmp_path / tag / "recon-budget004" / "reconstructions_adm.npz", allow_pickle=False) as adm:
+        assert sorted(adm.files) == ["arr_0", "arr_1"] and np.array_equal(adm["arr_0"], rec["images"])
+        assert adm["arr_0"].dtype == np.uint8 and np.array_equal(adm["arr_1"], rec["labels"])
+    from sampling.fid_io import read_adm_batch
+
+    assert np.array_equal(read_adm_batch(tmp_path / tag / "recon-budget004" / "reconstructions_adm.npz")[0],
+                          rec["images"])
 
 
 # ============================================================================ evaluation

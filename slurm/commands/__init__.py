@@ -12,6 +12,7 @@ options of the commands that write image sets.
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
@@ -28,6 +29,9 @@ def add_image_set_options(parser: argparse.ArgumentParser) -> None:
     """The options of the commands that write image sets (``alit sample``, ``alit reconstruct``)."""
     parser.add_argument("--shard", default="0/1", help="i/n: make shard i of n (default 0/1 = everything)")
     parser.add_argument("--no-png", action="store_true", help="write only the npz, no PNG per image")
+    parser.add_argument("--adm", action="store_true",
+                        help="also write the finished set as an ADM-format batch <stem>_adm.npz (arr_0 uint8 NHWC, "
+                             "arr_1 labels), what guided-diffusion's evaluator reads")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -64,3 +68,19 @@ def prologue(args: argparse.Namespace, schema: type[T], config: str | Path | Non
     check_job_flags(args, slurm_overrides, check)
     return load_config(schema, config, own), slurm_overrides
 
+
+def write_adm_copy(folder: Path, stem: str) -> Path | None:
+    """``alit sample/reconstruct --adm``: the finished ``<stem>.npz`` of ``folder`` also as an ADM batch
+    ``<stem>_adm.npz``; None (and a note) while shards are still missing."""
+    from sampling.fid_io import write_adm_batch
+    from sampling.generate import load_image_set
+
+    done = folder / f"{stem}.npz"
+    if not done.is_file():
+        print(f"[adm] {folder}: the set is not complete yet (other shards missing); the run that completes it "
+              "writes the ADM batch", file=sys.stderr)
+        return None
+    arrays = load_image_set(done)
+    out = write_adm_batch(folder / f"{stem}_adm.npz", arrays["images"], arrays.get("labels"))
+    print(f"[adm] {out}", file=sys.stderr)
+    return out

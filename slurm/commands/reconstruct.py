@@ -14,7 +14,7 @@ import argparse
 
 from tokenizer.core.data import DataSpec
 
-from . import add_image_set_options, prologue
+from . import add_image_set_options, prologue, write_adm_copy
 
 TAKES_OVERRIDES = True  # data.* overrides, e.g. data.source=/path/to/images
 USER_ERRORS = (ValueError, KeyError)  # a budget, shard or resolution that does not fit the tokenizer
@@ -37,6 +37,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from sampling.generate import (
+        RECONSTRUCTIONS,
         Shard,
         default_device,
         load_models,
@@ -57,4 +58,6 @@ def run(args: argparse.Namespace) -> int:
             shard=shard, png=not args.no_png, progress=not args.no_progress,
             identity=models.tokenizer_identity, dataset=dataset)
         print(f"[reconstruct] {folder}")
+        if args.adm:
+            write_adm_copy(folder, RECONSTRUCTIONS)
     return 0

@@ -20,7 +20,7 @@ import argparse
 
 from tokenizer.core.errors import UsageError
 
-from . import add_image_set_options
+from . import add_image_set_options, write_adm_copy
 
 USER_ERRORS = (ValueError, KeyError)  # a budget, class or shard that does not fit the prior
 
@@ -59,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
     from generator.cache import prior_token_cache
     from sampling.generate import (
         ADAPTIVE,
+        SAMPLES,
         SampleSettings,
         Shard,
         budget_probs_from_cache,
@@ -102,4 +103,6 @@ def run(args: argparse.Namespace) -> int:
         folder = sample_to_folder(models, settings, args.out, shard, probs if budget == ADAPTIVE else None,
                                   png=not args.no_png, progress=not args.no_progress)
         print(f"[sample] {folder}")
+        if args.adm:
+            write_adm_copy(folder, SAMPLES)
     return 0
