@@ -49,7 +49,10 @@ def render_html(report_dir: str | Path, title: str = "alit-stack report", extra:
                                                   "budget (and adaptive)"),
                           ("specialization.png", "token specialization: each latent token's attention over the 2D "
                                                  "grid (rows = the first iteration's tokens, last encoder layer; "
-                                                 "columns = validation images; alit inspect draws more)")]:
+                                                 "columns = validation images; alit inspect draws more)"),
+                          ("complexity/complexity.png", "complexity: the adaptive budget and each budget's L1 against "
+                                                        "PNG/JPEG bits per pixel and the mean gradient (Spearman "
+                                                        "in the titles; table in complexity/complexity.csv)")]:
         if (root / name).is_file():
             figures.append(f"<figure>{_img(root / name, caption)}<figcaption>{html.escape(caption)}</figcaption></figure>")
     for p in sorted(root.glob("samples_*.png")):

@@ -489,6 +489,9 @@ class Evaluation:
         self._reconstructions_figure(merged, out / "reconstructions.png")
         self._specialization_figure(out / "specialization.png")
         files.append("specialization.png")
+        if self.settings.adaptive_threshold is not None:
+            self._complexity_figure(out / "complexity")
+            files.append("complexity/complexity.png")
         for key in [*self.budgets, ADAPTIVE]:
             if (GEN, key) in merged:
                 name = f"samples_{budget_label(key)}.png"
@@ -597,6 +600,17 @@ class Evaluation:
                 label = f"TSC t={self.settings.adaptive_threshold:g}" if b == ADAPTIVE else f"{b} tokens"
                 columns.append((label, merged[(RECON, b)].preview_images(k)))
         plot_image_table(columns, path)
+
+    def _complexity_figure(self, folder: Path) -> None:
+        """``alit analyze complexity`` on the evaluated images: the adaptive budget and every budget's L1
+        against PNG/JPEG bits per pixel and the mean gradient, Spearman with bootstrap intervals, into
+        ``folder`` (``complexity.png``, ``complexity.csv``, ``complexity.json``)."""
+        from .analysis import complexity_analysis, measure_tokenizer
+
+        assert self.settings.adaptive_threshold is not None
+        m = measure_tokenizer(self.models.tokenizer, self.dataset, np.asarray(self.positions),
+                              self.settings.adaptive_threshold, batch_size=self.settings.chunk_size)
+        complexity_analysis(m, folder, reps=500, meta={"split": self.settings.split})
 
     def _specialization_figure(self, path: Path, images: int = 4, max_tokens: int = 16) -> None:
         """Token specialization maps of the first validation images (``alit inspect`` draws more): each
@@ -770,7 +784,9 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines += ["", "## Figures", "", "![FID against tokens](fid_vs_tokens.png)", "",
               "Reconstructions (columns: original, each budget, TSC):", "", "![reconstructions](reconstructions.png)",
               "", "Token specialization (each first-iteration latent token's attention over the 2D grid, last "
-              "encoder layer; rows = tokens, columns = images):", "", "![specialization](specialization.png)"]
+              "encoder layer; rows = tokens, columns = images):", "", "![specialization](specialization.png)",
+              "", "Complexity (adaptive budget and L1 against image complexity; complexity/complexity.json):", "",
+              "![complexity](complexity/complexity.png)"]
     for name in report["files"]:
         if name.startswith("samples_"):
             lines += ["", f"Samples, {name[len('samples_'):-4]}:", "", f"![{name}]({name})"]

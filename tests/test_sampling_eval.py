@@ -221,7 +221,10 @@ def test_eval_report_and_feature_cache(ckpts: dict[str, Path], tmp_path: Path, c
     assert "reused cached features" not in first.err and "rFID" in first.out
     files = {"report.json", "report.md", "fid_vs_tokens.png", "reconstructions.png", "samples_budget004.png",
              "samples_budget008.png", "adaptive_histogram.png", "specialization.png"}
-    assert {p.name for p in out.iterdir()} == files
+    assert {p.name for p in out.iterdir()} == files | {"complexity"}
+    files.add("complexity/complexity.png")
+    assert (out / "complexity" / "complexity.csv").is_file()
+    assert json.loads((out / "complexity" / "complexity.json").read_text())["images"] == 16
     for name in files - {"report.json", "report.md"}:
         with Image.open(out / name) as im:
             assert im.size[0] > 100 and im.size[1] > 50, name
