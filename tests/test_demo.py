@@ -68,6 +68,7 @@ def test_demo_runs_every_stage_then_reuses_them(tmp_path: Path, capsys: pytest.C
     assert [e["reused"] for e in record["stages"]] == [True, True, True, True, False, False]
 
 
+@pytest.mark.slow  # 83 s: six stage jobs through submitit's local executor; the Slurm-queued variant is in the suite
 def test_demo_as_a_job_then_reused_here(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """`alit demo --cluster local`: each stage runs as its own submitit job in another process, one after
     another (paths made absolute, logs under each stage's directory); running the demo here afterwards
