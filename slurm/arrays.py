@@ -112,3 +112,18 @@ def announce_and_wait(command: str, sub: ArraySubmission, what: str, no_wait: bo
     except SlurmJobError as e:
         print(f"alit {command}: {e}", file=sys.stderr)
         return EXIT_FAILED, None
+
+
+def submit_shards(shard_target: str, merge_target: str, request: dict[str, Any], *, shards: int, out: Path,
+                  slurm: SlurmConfig | None, cluster: Cluster, merge_kwargs: dict[str, Any] | None = None
+                  ) -> ArraySubmission:
+    """The array of ``shard_target(request=, index=i, count=shards)`` for every shard and the merge job
+    ``merge_target(request=, **merge_kwargs)``, every job exporting the submitter's caches (``shared_env``):
+    how ``alit tokenize`` and ``alit fid-stats`` split their work."""
+    from .eval_jobs import shared_env
+
+    cfg = slurm or SlurmConfig()
+    cfg = replace(cfg, env={**shared_env(), **cfg.env})
+    specs = [JobSpec(shard_target, {"request": request, "index": i, "count": shards}) for i in range(shards)]
+    merge = JobSpec(merge_target, {"request": request, **(merge_kwargs or {})})
+    return submit_with_merge(specs, merge, out=out, slurm=cfg, cluster=cluster)

@@ -18,7 +18,7 @@ the jobs' logs go to ``<out stem>.jobs/slurm/<job id>/`` beside it.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +28,8 @@ from tokenizer.core.config import from_dict, to_dict
 from tokenizer.core.data import EMOJI, DataConfig
 from tokenizer.core.io import atomic_path
 
-from .arrays import ArraySubmission, submit_with_merge
-from .eval_jobs import shared_env
-from .launcher import Cluster, JobSpec, SlurmConfig
+from .arrays import ArraySubmission, submit_shards
+from .launcher import Cluster, SlurmConfig
 
 SHARD_TARGET = "slurm.fid_jobs:stats_shard"
 MERGE_TARGET = "slurm.fid_jobs:merge_stats"
@@ -203,10 +202,7 @@ def submit_fid_stats(request: FidStatsRequest, *, shards: int, slurm: SlurmConfi
     if shards < 1:
         raise ValueError(f"--shards must be >= 1, got {shards}")
     request.open()  # here, before anything is queued: a missing or foreign input fails now
-    cfg = slurm or SlurmConfig()
-    cfg = replace(cfg, env={**shared_env(), **cfg.env})
-    plain = asdict(request)
-    specs = [JobSpec(SHARD_TARGET, {"request": plain, "index": i, "count": shards}) for i in range(shards)]
     out = Path(request.out)
-    return submit_with_merge(specs, JobSpec(MERGE_TARGET, {"request": plain, "count": shards}),
-                             out=out.with_name(f"{out.stem}.jobs"), slurm=cfg, cluster=cluster)
+    return submit_shards(SHARD_TARGET, MERGE_TARGET, asdict(request), shards=shards,
+                         out=out.with_name(f"{out.stem}.jobs"), slurm=slurm, cluster=cluster,
+                         merge_kwargs={"count": shards})

@@ -13,16 +13,15 @@ as a one-process ``alit tokenize``.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from tokenizer.core.config import from_dict, to_dict
 from tokenizer.core.data import EMOJI, DataConfig
 
-from .arrays import ArraySubmission, submit_with_merge
-from .eval_jobs import shared_env
-from .launcher import Cluster, JobSpec, SlurmConfig
+from .arrays import ArraySubmission, submit_shards
+from .launcher import Cluster, SlurmConfig
 
 SHARD_TARGET = "slurm.tokenize_jobs:tokenize_shard"
 MERGE_TARGET = "slurm.tokenize_jobs:merge_cache"
@@ -88,9 +87,5 @@ def submit_tokenization(request: TokenizeRequest, *, shards: int, slurm: SlurmCo
     # here, before anything is queued: a foreign --out or other inputs fail now; jobs then find request.json
     prepare_token_cache(request.tokenizer, from_dict(DataConfig, request.data), request.out,
                         tuple(request.splits), request.adaptive_threshold, request.shard_size)
-    cfg = slurm or SlurmConfig()
-    cfg = replace(cfg, env={**shared_env(), **cfg.env})
-    plain = asdict(request)
-    specs = [JobSpec(SHARD_TARGET, {"request": plain, "index": i, "count": shards}) for i in range(shards)]
-    return submit_with_merge(specs, JobSpec(MERGE_TARGET, {"request": plain}), out=Path(request.out),
-                             slurm=cfg, cluster=cluster)
+    return submit_shards(SHARD_TARGET, MERGE_TARGET, asdict(request), shards=shards, out=Path(request.out),
+                         slurm=slurm, cluster=cluster)

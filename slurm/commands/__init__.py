@@ -84,3 +84,26 @@ def write_adm_copy(folder: Path, stem: str) -> Path | None:
     out = write_adm_batch(folder / f"{stem}_adm.npz", arrays["images"], arrays.get("labels"))
     print(f"[adm] {out}", file=sys.stderr)
     return out
+
+
+def shard_flags_problem(args: argparse.Namespace, slurm_overrides: Sequence[str]) -> str | None:
+    """Why the sharding flags of a command with ``--shard i/n`` (one shard here) and ``--cluster ... --shards N``
+    (an array and a merge job) do not go together, or None (``alit tokenize``, ``alit fid-stats``)."""
+    from ..launcher import job_flags_problem
+
+    if args.cluster == "none":
+        if args.shard is not None:
+            from sampling.generate import Shard
+
+            try:
+                Shard.parse(args.shard)
+            except ValueError as e:
+                return str(e)
+        return job_flags_problem(args, slurm_overrides, ["--shards"] if args.shards is not None else [], "jobs")
+    if args.shard is not None:
+        return "--shard i/n runs one shard in this process: with --cluster use --shards N"
+    if args.shards is not None and args.shards < 1:
+        return f"--shards must be >= 1, got {args.shards}"
+    if args.no_wait and args.cluster != "slurm":
+        return "--no-wait needs --cluster slurm (elsewhere the merge job is submitted after the array finished)"
+    return None

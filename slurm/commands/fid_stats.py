@@ -20,8 +20,8 @@ from pathlib import Path
 from tokenizer.core.data import SPLITS, DataSpec
 from tokenizer.core.errors import UsageError
 
-from ..launcher import add_cluster_arguments, job_flags_problem, slurm_config_from_args
-from . import prologue
+from ..launcher import add_cluster_arguments, slurm_config_from_args
+from . import prologue, shard_flags_problem
 
 TAKES_OVERRIDES = True  # data.* overrides with --split, e.g. data.source=/path/to/images; slurm.* for jobs
 
@@ -59,22 +59,7 @@ def _flag_problem(args: argparse.Namespace, slurm_overrides: list[str]) -> str |
     own = [o for o in getattr(args, "overrides", None) or [] if o not in slurm_overrides]
     if args.split is None and (args.config or own):
         return "--config and data.* overrides describe a dataset: use them with --split S instead of DATA"
-    if args.cluster == "none":
-        if args.shard is not None:
-            from sampling.generate import Shard
-
-            try:
-                Shard.parse(args.shard)
-            except ValueError as e:
-                return str(e)
-        return job_flags_problem(args, slurm_overrides, ["--shards"] if args.shards is not None else [], "jobs")
-    if args.shard is not None:
-        return "--shard i/n runs one shard in this process: with --cluster use --shards N"
-    if args.shards is not None and args.shards < 1:
-        return f"--shards must be >= 1, got {args.shards}"
-    if args.no_wait and args.cluster != "slurm":
-        return "--no-wait needs --cluster slurm (elsewhere the merge job is submitted after the array finished)"
-    return None
+    return shard_flags_problem(args, slurm_overrides)
 
 
 def run(args: argparse.Namespace) -> int:

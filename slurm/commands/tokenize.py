@@ -16,8 +16,8 @@ import argparse
 from tokenizer.core.data import DataSpec
 from tokenizer.core.errors import UsageError
 
-from ..launcher import add_cluster_arguments, job_flags_problem, slurm_config_from_args
-from . import prologue
+from ..launcher import add_cluster_arguments, slurm_config_from_args
+from . import prologue, shard_flags_problem
 
 TAKES_OVERRIDES = True  # data.* overrides, e.g. data.source=/path/to/images; slurm.* ones set job resources
 
@@ -48,22 +48,7 @@ def _flag_problem(args: argparse.Namespace, slurm_overrides: list[str]) -> str |
             return f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}"
     if args.num_workers < 0:
         return f"--num-workers must be >= 0, got {args.num_workers}"
-    if args.cluster == "none":
-        if args.shard is not None:
-            from sampling.generate import Shard
-
-            try:
-                Shard.parse(args.shard)
-            except ValueError as e:
-                return str(e)
-        return job_flags_problem(args, slurm_overrides, ["--shards"] if args.shards is not None else [], "jobs")
-    if args.shard is not None:
-        return "--shard i/n runs one shard in this process: with --cluster use --shards N"
-    if args.shards is not None and args.shards < 1:
-        return f"--shards must be >= 1, got {args.shards}"
-    if args.no_wait and args.cluster != "slurm":
-        return "--no-wait needs --cluster slurm (elsewhere the merge job is submitted after the array finished)"
-    return None
+    return shard_flags_problem(args, slurm_overrides)
 
 
 def run(args: argparse.Namespace) -> int:
