@@ -11,6 +11,7 @@ there :meth:`ArraySubmission.wait` submits it once the array has succeeded.
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -20,8 +21,18 @@ from typing import Any
 import submitit
 
 from tokenizer.core.errors import EXIT_FAILED
+from tokenizer.core.paths import alit_home
 
 from .launcher import Cluster, JobSpec, SlurmConfig, SlurmJobError, submit, submit_array, wait_with_errors
+
+
+def shared_env() -> dict[str, str]:
+    """What every job exports so that all of them share the submitter's caches: ``ALIT_HOME`` (the pieces'
+    feature cache) and, when set, ``ALIT_WEIGHTS_CACHE`` (the converted Inception/LPIPS weights)."""
+    env = {"ALIT_HOME": str(alit_home().absolute())}
+    if os.environ.get("ALIT_WEIGHTS_CACHE"):
+        env["ALIT_WEIGHTS_CACHE"] = str(Path(os.environ["ALIT_WEIGHTS_CACHE"]).expanduser().absolute())
+    return env
 
 
 def array_id(jobs: list[submitit.Job]) -> str:
@@ -120,8 +131,6 @@ def submit_shards(shard_target: str, merge_target: str, request: dict[str, Any],
     """The array of ``shard_target(request=, index=i, count=shards)`` for every shard and the merge job
     ``merge_target(request=, **merge_kwargs)``, every job exporting the submitter's caches (``shared_env``):
     how ``alit tokenize`` and ``alit fid-stats`` split their work."""
-    from .eval_jobs import shared_env
-
     cfg = slurm or SlurmConfig()
     cfg = replace(cfg, env={**shared_env(), **cfg.env})
     specs = [JobSpec(shard_target, {"request": request, "index": i, "count": shards}) for i in range(shards)]

@@ -21,7 +21,6 @@ feature cache (on a cluster: a shared filesystem).
 
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -31,9 +30,9 @@ from sampling.generate import ADAPTIVE, Budget, Models, Shard, budget_label, num
 from sampling.report import EvalSettings, Evaluation
 from tokenizer.core.config import from_dict, to_dict
 from tokenizer.core.data import EMOJI, DataConfig
-from tokenizer.core.paths import alit_home, cache_dir
+from tokenizer.core.paths import cache_dir
 
-from .arrays import ArraySubmission, submit_with_merge
+from .arrays import ArraySubmission, shared_env, submit_with_merge
 from .launcher import Cluster, JobSpec, SlurmConfig
 
 SHARD_TARGET = "slurm.eval_jobs:evaluate_shard"
@@ -87,15 +86,6 @@ class EvalRequest:
         models = models or load_models(self.tokenizer, self.prior, dev)
         return Evaluation(models, from_dict(DataConfig, self.data), self.eval_settings(), device=dev,
                           progress=progress, tokens=self.tokens)
-
-
-def shared_env() -> dict[str, str]:
-    """What every job exports so that all of them share the submitter's caches: ``ALIT_HOME`` (the pieces'
-    feature cache) and, when set, ``ALIT_WEIGHTS_CACHE`` (the converted Inception/LPIPS weights)."""
-    env = {"ALIT_HOME": str(alit_home().absolute())}
-    if os.environ.get("ALIT_WEIGHTS_CACHE"):
-        env["ALIT_WEIGHTS_CACHE"] = str(Path(os.environ["ALIT_WEIGHTS_CACHE"]).expanduser().absolute())
-    return env
 
 
 def plan_tasks(evaluation: Evaluation, shards: int) -> list[tuple[Budget, int]]:
