@@ -3,7 +3,12 @@
 The page embeds every figure of the folder as a data URI, so it opens in a browser with no server and
 survives being mailed or copied alone. It shows the rFID/gFID-vs-tokens plot, the numbers table, the
 adaptive (token-count selection) histogram, the reconstruction grid and the sample grids, plus the
-protocol, checkpoints and versions from ``report.json``.
+protocol, checkpoints and versions from ``report.json``. Every numbers table names the evaluation protocol
+in its caption (``sampling.protocol``), and the standard metric set (FID, sFID, KID, precision/recall, IS)
+has a table of its own.
+
+:func:`check_in_browser` opens the page in headless Chromium (Debian's ``chromium``) and reports whether every
+figure decoded, what the console said, and the tables' captions; it keeps a screenshot beside the page.
 """
 
 from __future__ import annotations
@@ -11,10 +16,16 @@ from __future__ import annotations
 import base64
 import html
 import json
+import os
+import shutil
+import subprocess
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from tokenizer.core.io import atomic_write_text
+
+from .report import METRIC_COLUMNS, metric_notes, metric_rows
 
 
 def _img(path: Path, alt: str) -> str:
@@ -58,7 +69,14 @@ def render_html(report_dir: str | Path, title: str = "alit-stack report", extra:
     for p in sorted(root.glob("samples_*.png")):
         label = p.stem.removeprefix("samples_")
         figures.append(f"<figure>{_img(p, label)}<figcaption>samples, {html.escape(label)}</figcaption></figure>")
-    meta = {"protocol": report["protocol"]["id"], "tokenizer": report["tokenizer"]["tag"],
+    p = report["protocol"]
+    caption = f"protocol {p['eval']['name']}: {p['summary']}"
+    metric_head = "".join(f"<th>{html.escape(c)}</th>" for c in METRIC_COLUMNS)
+    metric_rows_html = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>"
+                               for row in metric_rows(report))
+    notes = "".join(f"<li>{html.escape(n)}</li>" for n in metric_notes(report))
+    meta = {"protocol": report["protocol"]["id"], "evaluation protocol": p["summary"],
+            "reference (reconstructions)": p["recon_reference"], "reference (samples)": p["gen_reference"], "tokenizer": report["tokenizer"]["tag"],
             "prior": (report.get("prior") or {}).get("tag", "none"), "split": report["data"]["split"],
             "images": str(report["data"]["n_images"]), "git commit": report["git_commit"],
             "created": report["created"], **(extra or {})}
@@ -69,20 +87,106 @@ def render_html(report_dir: str | Path, title: str = "alit-stack report", extra:
 body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }}
 table {{ border-collapse: collapse; margin: 1em 0; }} td, th {{ border: 1px solid #ccc; padding: 4px 10px; text-align: right; }}
 th {{ background: #f4f4f4; text-align: left; }} tr.tsc td {{ font-style: italic; }}
+caption {{ caption-side: top; text-align: left; font-size: 0.9em; color: #444; padding: 4px 0; }}
 figure {{ display: inline-block; margin: 1em 1em 1em 0; vertical-align: top; }}
 img {{ max-width: 100%; image-rendering: pixelated; border: 1px solid #ddd; }}
 figcaption {{ font-size: 0.9em; color: #555; }}
 </style></head><body>
 <h1>{html.escape(title)}</h1>
 <h2>Per token count</h2>
-<table><tr><th>budget</th><th>rFID</th><th>gFID</th><th>L1</th><th>LPIPS</th><th>images</th></tr>{''.join(rows)}</table>
+<table><caption>{html.escape(caption)}</caption>
+<tr><th>budget</th><th>rFID</th><th>gFID</th><th>L1</th><th>LPIPS</th><th>images</th></tr>{''.join(rows)}</table>
+<h2>Standard metrics</h2>
+<table class="metrics"><caption>{html.escape(caption)}; reconstructions against {html.escape(p["recon_reference"])},
+samples against {html.escape(p["gen_reference"])}</caption><tr>{metric_head}</tr>{metric_rows_html}</table>
+<ul class="notes">{notes}</ul>
 <p>L1 is the mean absolute pixel error in [0, 1] units; FID with few images is strongly biased upward and is
 comparable only at equal image counts under the same protocol.</p>
 {''.join(figures)}
 <h2>How these numbers were made</h2>
-<table>{meta_rows}</table>
+<table><caption>{html.escape(caption)}</caption>{meta_rows}</table>
 </body></html>
 """
     out = root / "report.html"
     atomic_write_text(out, page)
     return out
+
+
+# ============================================================================ checking the page in a browser
+# Runs inside the page before anything else: records errors and console.error, then on load every image's
+# natural size and every table's caption, into a <pre id="alit-check"> that --dump-dom prints.
+_PROBE = """<script>
+window.__alit = {errors: [], console: []};
+window.addEventListener("error", e => window.__alit.errors.push(String(e.message || (e.target && e.target.src
+  ? "failed to load " + e.target.src.slice(0, 60) : e))), true);
+for (const level of ["error", "warn"]) {
+  const original = console[level].bind(console);
+  console[level] = (...args) => { window.__alit.console.push(level + ": " + args.join(" ")); original(...args); };
+}
+window.addEventListener("load", () => {
+  const out = document.createElement("pre");
+  out.id = "alit-check";
+  out.textContent = JSON.stringify({
+    images: [...document.images].map(i => ({alt: i.alt, complete: i.complete, width: i.naturalWidth,
+                                            height: i.naturalHeight})),
+    tables: [...document.querySelectorAll("table")].map(t => t.caption ? t.caption.textContent : null),
+    errors: window.__alit.errors, console: window.__alit.console});
+  document.body.appendChild(out);
+});
+</script>"""
+
+
+def find_chromium() -> str | None:
+    """Debian's ``chromium`` (or ``chromium-browser`` / ``google-chrome``) on PATH, or None."""
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _chromium(binary: str, *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    home = tempfile.mkdtemp(prefix="alit-chromium-")  # a private profile: no state shared between runs
+    try:
+        return subprocess.run([binary, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                               "--disable-extensions", f"--user-data-dir={home}", "--enable-logging=stderr",
+                               "--v=0", *args], capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, "HOME": home})
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def check_in_browser(page: str | Path, *, screenshot: str | Path | None = None, chromium: str | None = None,
+                     width: int = 1200, height: int = 4000, timeout: float = 120.0) -> dict[str, Any]:
+    """Render ``page`` (a ``report.html``) in headless Chromium.
+
+    Returns ``{"images": [{alt, complete, width, height}], "tables": [caption or None], "errors": [...],
+    "console": [...], "screenshot": path}``: ``errors`` holds page errors and failed loads, ``console`` the
+    page's console.error/warn calls and the browser's ``CONSOLE`` log lines. The screenshot (PNG,
+    ``width`` x ``height``) goes to ``screenshot`` (default: ``report.png`` beside the page).
+    """
+    page = Path(page).resolve()
+    binary = chromium or find_chromium()
+    if binary is None:
+        raise FileNotFoundError("no chromium on PATH: install Debian's chromium (apt-get install chromium)")
+    probe = page.with_name(f".{page.stem}.check.html")  # beside the page: the same relative paths resolve
+    text = page.read_text()
+    head = text.find("<head>")
+    probe.write_text(text[:head + 6] + _PROBE + text[head + 6:] if head >= 0 else _PROBE + text)
+    try:
+        dom = _chromium(binary, "--virtual-time-budget=10000", "--dump-dom", probe.as_uri(), timeout=timeout)
+    finally:
+        probe.unlink(missing_ok=True)
+    start, end = dom.stdout.find('<pre id="alit-check">'), dom.stdout.find("</pre>", dom.stdout.find('id="alit-check"'))
+    if start < 0 or end < 0:
+        raise RuntimeError(f"chromium rendered no check result (rc {dom.returncode}): {dom.stderr[-2000:]}")
+    raw = html.unescape(dom.stdout[start + len('<pre id="alit-check">'):end])
+    result = json.loads(raw)
+    result["console"] += [line for line in dom.stderr.splitlines() if "CONSOLE" in line]
+    shot = Path(screenshot) if screenshot is not None else page.with_name("report.png")
+    shot.parent.mkdir(parents=True, exist_ok=True)
+    taken = _chromium(binary, f"--screenshot={shot}", f"--window-size={width},{height}",
+                      "--hide-scrollbars", page.as_uri(), timeout=timeout)
+    if not shot.is_file():
+        raise RuntimeError(f"chromium wrote no screenshot (rc {taken.returncode}): {taken.stderr[-2000:]}")
+    result["screenshot"] = str(shot)
+    return result

@@ -86,7 +86,6 @@ from .fid import (
     FeatureExtractor,
     FeatureStats,
     FIDProtocol,
-    fid_from_stats,
     reference_cache_path,
     reference_stats,
 )
@@ -109,10 +108,22 @@ from .generate import (
     parse_budgets,
     save_npz,
 )
+from .protocol import (
+    SPATIAL_DIM,
+    EvalProtocol,
+    ReferenceSet,
+    compute_metrics,
+    file_reference,
+    image_extras,
+    load_protocol,
+    mean_and_spread,
+    spatial_features,
+    split_reference,
+)
 
 REPORT_FORMAT = "alit-eval-report"
-REPORT_VERSION = 1
-PIECE_FORMAT = "alit-eval-piece/1"  # part of every piece's cache key; bump when a piece's computation changes
+REPORT_VERSION = 2  # 2: named protocols, the standard metric set per budget, seeds
+PIECE_FORMAT = "alit-eval-piece/2"  # part of every piece's cache key; bump when a piece's computation changes
 LPIPS_ID = "lpips-vgg16-v0.1"
 RECON, GEN = "recon", "gen"
 VERSIONED = ("torch", "torch-fidelity", "clean-fid", "numpy", "scipy", "alit-stack")
@@ -130,7 +141,8 @@ class EvalSettings:
     budgets: tuple[int, ...] | str = ()  # token budgets to evaluate, or text ("8,16", "max"); () = all of them
     num_images: int | None = None  # evaluated images of the split (seeded stratified subset) = samples per budget
     split: str = "val"  # dataset split: reconstructed, and the reference of rFID and gFID
-    protocol: str = FIDProtocol.torch_fidelity.value  # FID protocol: torch_fidelity | clean_fid
+    # a named protocol (configs/eval/NAME.yaml), a protocol YAML, or torch_fidelity | clean_fid (sampling.protocol)
+    protocol: str = FIDProtocol.torch_fidelity.value
     cfg_scale: float = 0.0  # gFID guidance scale (cond + s (cond - uncond))
     temperature: float = 1.0  # gFID sampling temperature
     steps: int = 8  # gFID MaskGIT decoding steps
@@ -140,17 +152,29 @@ class EvalSettings:
     preview: int = 8  # images per row of reconstructions.png and per row of the sample grids
     feature_batch_size: int = 64  # Inception batch size
     length_model: str = "learned"  # adaptive gFID: "learned" (the prior's p(budget | class)) or "histogram" (TSC)
+    seeds: int = 1  # gFID repeated with seeds seed, seed+1, ...: every generated number as mean and spread
+    protocol_spec: dict[str, Any] | None = None  # `protocol` resolved (EvalProtocol.to_dict()); set on creation
 
     def __post_init__(self) -> None:
         if self.length_model not in LENGTH_MODELS:
             raise ValueError(f"length_model must be one of {list(LENGTH_MODELS)}, got {self.length_model!r}")
         if self.num_images is not None and self.num_images < 2:
             raise ValueError(f"num_images must be >= 2 (FID needs a covariance), got {self.num_images}")
-        FIDProtocol(self.protocol)  # a clear error for an unknown protocol
+        if self.protocol_spec is None:  # resolved once: jobs and stage hashes see the whole protocol, not a name
+            object.__setattr__(self, "protocol_spec", load_protocol(self.protocol).to_dict())
+        if self.seeds < 1:
+            raise ValueError(f"seeds must be >= 1, got {self.seeds}")
         if self.adaptive_threshold is not None and not self.adaptive_threshold >= 0:
             raise ValueError(f"adaptive_threshold is an L1 error in [0, 1] (e.g. 0.07), got {self.adaptive_threshold}")
         if self.chunk_size < 1 or self.preview < 1 or self.steps < 1 or self.feature_batch_size < 1:
             raise ValueError("chunk_size, preview, steps and feature_batch_size must be >= 1")
+
+
+    @property
+    def eval_protocol(self) -> EvalProtocol:
+        """The resolved :class:`~sampling.protocol.EvalProtocol`."""
+        assert self.protocol_spec is not None
+        return EvalProtocol.from_dict(self.protocol_spec)
 
 
 @dataclass(frozen=True)
@@ -160,9 +184,16 @@ class Piece:
     kind: str  # RECON or GEN
     budget: Budget  # a token budget or ADAPTIVE
     shard: Shard = WHOLE
+    seed_index: int = 0  # GEN: sampled with settings.seed + seed_index (--seeds)
 
     def __str__(self) -> str:
-        return f"{self.kind} {budget_label(self.budget)} [{self.shard}]"
+        seed = f" seed+{self.seed_index}" if self.seed_index else ""
+        return f"{self.kind} {budget_label(self.budget)}{seed} [{self.shard}]"
+
+    @property
+    def group(self) -> tuple[Any, ...]:
+        """The key of the merged result: (kind, budget), plus the seed index of repeats."""
+        return (self.kind, self.budget) if not self.seed_index else (self.kind, self.budget, self.seed_index)
 
 
 @dataclass
@@ -179,6 +210,16 @@ class PieceResult:
     class_histogram: dict[str, int] = field(default_factory=dict)  # "<label>:<budget>" -> images
     preview: dict[int, np.ndarray] = field(default_factory=dict)  # global index -> (H, W, 3) uint8, first images
     reused: bool = False  # loaded from the cache
+    # per-image pool3 features (KID, precision/recall, IS) by global index, when the protocol asks for them
+    feature_index: np.ndarray | None = None  # (n,) int64
+    features: np.ndarray | None = None  # (n, 2048) float32
+    spatial: FeatureStats | None = None  # ADM spatial-feature statistics (sFID), when asked for
+
+    def sorted_features(self) -> np.ndarray | None:
+        """Per-image features in global-index order (None when not kept)."""
+        if self.features is None or self.feature_index is None:
+            return None
+        return self.features[np.argsort(self.feature_index, kind="stable")]
 
     def sums(self) -> dict[str, Any]:
         return {"n": self.n, "l1_sum": self.l1_sum, "lpips_sum": self.lpips_sum, "tokens_sum": self.tokens_sum,
@@ -193,10 +234,15 @@ class PieceResult:
         per_class = dict(self.class_histogram)
         for key, v in other.class_histogram.items():
             per_class[key] = per_class.get(key, 0) + v
-        return PieceResult(Piece(self.piece.kind, self.piece.budget, WHOLE), self.stats.merge(other.stats),
+        both = self.features is not None and other.features is not None
+        return PieceResult(Piece(self.piece.kind, self.piece.budget, WHOLE, self.piece.seed_index),
+                           self.stats.merge(other.stats),
                            self.n + other.n, self.l1_sum + other.l1_sum, self.lpips_sum + other.lpips_sum,
                            self.tokens_sum + other.tokens_sum, hist, per_class, {**self.preview, **other.preview},
-                           self.reused and other.reused)
+                           self.reused and other.reused,
+                           np.concatenate([self.feature_index, other.feature_index]) if both else None,  # type: ignore[list-item]
+                           np.concatenate([self.features, other.features]) if both else None,  # type: ignore[list-item]
+                           self.spatial.merge(other.spatial) if self.spatial and other.spatial else None)
 
     def preview_images(self, count: int) -> np.ndarray:
         """The first ``count`` images (global indices 0..count-1) kept for figures: (count, H, W, 3) uint8."""
@@ -206,13 +252,14 @@ class PieceResult:
         return np.stack([self.preview[i] for i in range(count)])
 
 
-def merge_results(results: Iterable[PieceResult | None]) -> dict[tuple[str, Budget], PieceResult]:
-    """Merge shards per (kind, budget); every shard 0..n-1 of a group must be present exactly once."""
-    groups: dict[tuple[str, Budget], list[PieceResult]] = {}
+def merge_results(results: Iterable[PieceResult | None]) -> dict[tuple[Any, ...], PieceResult]:
+    """Merge shards per :attr:`Piece.group` ((kind, budget), plus the seed index of a repeat); every shard
+    0..n-1 of a group must be present exactly once."""
+    groups: dict[tuple[Any, ...], list[PieceResult]] = {}
     for r in results:
         if r is None:
             raise ValueError("a piece is missing (not computed yet): run its shard first, or evaluate it here")
-        groups.setdefault((r.piece.kind, r.piece.budget), []).append(r)
+        groups.setdefault(r.piece.group, []).append(r)
     merged = {}
     for key, parts in groups.items():
         counts = {p.piece.shard.count for p in parts}
@@ -242,11 +289,21 @@ class Evaluation:
         # the one check of the requested budgets (from the command line, a demo config or a job's request)
         self.budgets = sorted(int(b) for b in parse_budgets(settings.budgets or "all", tok.budgets,
                                                             allow_adaptive=False))
-        self.protocol = FIDProtocol(settings.protocol)
+        self.eval_protocol = ep = settings.eval_protocol
+        self.protocol = FIDProtocol(ep.features)
+        if ep.resolution is not None and data.resolution != ep.resolution:
+            raise ValueError(f"protocol {ep.name} evaluates {ep.resolution}px images, data.resolution="
+                             f"{data.resolution}: pass data.resolution={ep.resolution} (and a tokenizer of that size)")
+        crop = "resize" if str(data.resize) == "resize" else "center_crop"  # what evaluation splits get
+        if crop != ep.resize:
+            raise ValueError(f"protocol {ep.name} takes the {ep.resize} of each image, data.resize={data.resize} "
+                             f"gives the {crop}: pass data.resize={ep.resize}")
         self.dataset = build_dataset(data, settings.split)  # type: ignore[arg-type]
         self.positions = eval_positions(self.dataset, settings.num_images, data.split_seed)
         if len(self.positions) < 2:
             raise ValueError(f"the {settings.split} split has {len(self.positions)} image(s); FID needs >= 2")
+        self.num_samples = ep.num_samples or len(self.positions)  # generated images per budget and seed
+        self.sample_classes = "all" if ep.classes == "balanced" else "none"
         self.extractor = FeatureExtractor(self.protocol, device if device is not None else models.device,
                                           batch_size=settings.feature_batch_size, progress=False)
         self._lpips: torch.nn.Module | None = None
@@ -337,15 +394,16 @@ class Evaluation:
         gen: list[Budget] = []
         if self.models.prior is not None:
             gen = [*budgets, ADAPTIVE] if self.length_model is not None else budgets
-        return [Piece(kind, b, Shard(i, shards)) for kind, bs in ((RECON, recon), (GEN, gen)) for b in bs
-                for i in range(shards)]
+        pieces = [Piece(RECON, b, Shard(i, shards)) for b in recon for i in range(shards)]
+        return pieces + [Piece(GEN, b, Shard(i, shards), k) for k in range(self.settings.seeds) for b in gen
+                         for i in range(shards)]
 
-    def sample_settings(self, budget: Budget) -> SampleSettings:
-        """The sampling request behind the gFID of ``budget``."""
+    def sample_settings(self, budget: Budget, seed_index: int = 0) -> SampleSettings:
+        """The sampling request behind the gFID of ``budget`` (repeat ``seed_index`` of ``--seeds``)."""
         s = self.settings
-        return SampleSettings(budget=budget, num_images=self.num_images, cfg_scale=s.cfg_scale,
-                              temperature=s.temperature, steps=s.steps, seed=s.seed, classes="all",
-                              chunk_size=s.chunk_size, length_model=s.length_model)
+        return SampleSettings(budget=budget, num_images=self.num_samples, cfg_scale=s.cfg_scale,
+                              temperature=s.temperature, steps=s.steps, seed=s.seed + seed_index,
+                              classes=self.sample_classes, chunk_size=s.chunk_size, length_model=s.length_model)
 
     # ------------------------------------------------------------------ cache
     def _reference_max_images(self) -> int | None:
@@ -358,13 +416,17 @@ class Evaluation:
                                "shard": [piece.shard.index, piece.shard.count], "chunk_size": s.chunk_size,
                                "num_images": self.num_images, "protocol_id": self.extractor.protocol_id,
                                "tokenizer": m.tokenizer_identity["id"]}
+        extras = [k for k, on in (("pool3", self.eval_protocol.wants_features),
+                                  ("spatial", self.eval_protocol.wants_spatial)) if on]
+        if extras:
+            key["extras"] = extras
         if piece.kind == RECON:
             key["data"] = self.reference_name
             key["lpips"] = LPIPS_ID
             if piece.budget == ADAPTIVE:
                 key["threshold"] = s.adaptive_threshold
         else:
-            sample = self.sample_settings(piece.budget).to_dict()
+            sample = self.sample_settings(piece.budget, piece.seed_index).to_dict()
             key.update(prior=(m.prior_identity or {}).get("id"), sample=sample)
             if piece.budget == ADAPTIVE and self.budget_probs is not None:
                 probs = np.asarray(self.budget_probs, dtype=np.float64).tobytes()
@@ -375,12 +437,14 @@ class Evaluation:
         """Where ``piece``'s statistics and sums are cached."""
         digest = hashlib.sha256(json.dumps(self.piece_key(piece), sort_keys=True).encode()).hexdigest()[:20]
         tag = self.models.prior_tag if piece.kind == GEN else self.models.tokenizer_tag
-        name = f"{piece.kind}-{budget_label(piece.budget)}{piece.shard.suffix}-{tag}-{digest}.stats.safetensors"
+        seed = f"-seed{piece.seed_index}" if piece.seed_index else ""
+        name = f"{piece.kind}-{budget_label(piece.budget)}{seed}{piece.shard.suffix}-{tag}-{digest}.stats.safetensors"
         return cache_dir("features") / "eval" / name
 
     def preview_count(self, kind: str) -> int:
         """Images a piece keeps for the figures (its global indices below this count)."""
-        return min(self.settings.preview * (1 if kind == RECON else 2), self.num_images)
+        return min(self.settings.preview * (1 if kind == RECON else 2),
+                   self.num_images if kind == RECON else self.num_samples)
 
     def load_piece(self, piece: Piece) -> PieceResult | None:
         """A cached piece, or None (never computes)."""
@@ -396,12 +460,33 @@ class Evaluation:
             stats = FeatureStats.load(path)
             with np.load(preview_path, allow_pickle=False) as data:
                 preview = {int(i): image for i, image in zip(data["indices"], data["images"])}
+            extras = self._load_extras(path)
         except (ValueError, OSError, KeyError):  # damaged or foreign: recompute and replace
+            return None
+        if extras is None:
             return None
         hist = {int(k): int(v) for k, v in sums["histogram"].items()}
         per_class = {str(k): int(v) for k, v in sums.get("class_histogram", {}).items()}
         return PieceResult(piece, stats, int(sums["n"]), float(sums["l1_sum"]), float(sums["lpips_sum"]),
-                           int(sums["tokens_sum"]), hist, per_class, preview, reused=True)
+                           int(sums["tokens_sum"]), hist, per_class, preview, True, *extras)
+
+    def _load_extras(self, path: Path) -> tuple[np.ndarray | None, np.ndarray | None, FeatureStats | None] | None:
+        """A piece's per-image features and spatial statistics as the protocol needs them; None if missing."""
+        ep = self.eval_protocol
+        if not (ep.wants_features or ep.wants_spatial):
+            return None, None, None
+        file = _extras_path(path)
+        if not file.is_file():
+            return None
+        with np.load(file, allow_pickle=False) as data:
+            spatial = None
+            if ep.wants_spatial:
+                spatial = FeatureStats(int(data["spatial_sum"].shape[0]), self.extractor.protocol_id)
+                spatial.n, spatial.sum, spatial.sum_outer = int(data["spatial_n"]), data["spatial_sum"], \
+                    data["spatial_sum_outer"]
+            if ep.wants_features:
+                return data["feature_index"], data["features"], spatial
+            return None, None, spatial
 
     # ------------------------------------------------------------------ compute
     @property
@@ -432,10 +517,26 @@ class Evaluation:
         if piece.kind == GEN and self.models.prior is None:
             raise ValueError(f"{piece} needs a prior (--prior)")
         result = PieceResult(piece, FeatureStats(protocol=self.extractor.protocol_id), 0)
+        ep = self.eval_protocol
+        if ep.wants_spatial:
+            result.spatial = FeatureStats(SPATIAL_DIM, self.extractor.protocol_id)
+        feature_indices: list[np.ndarray] = []
+        features: list[np.ndarray] = []
         keep = self.preview_count(piece.kind)
         for chunk in self._chunks(piece):
             result.preview.update((int(i), im) for i, im in zip(chunk.indices, chunk.images) if i < keep)
-            self.extractor.accumulate(chunk.images, result.stats)
+            if result.spatial is not None:  # one Inception pass: pool3 and the spatial features
+                pool3, spatial = spatial_features(self.extractor, chunk.images)
+                result.spatial.update(spatial.astype(np.float64))
+                result.stats.update(pool3)
+            elif ep.wants_features:
+                pool3 = self.extractor.extract(chunk.images)
+                result.stats.update(pool3)
+            else:
+                self.extractor.accumulate(chunk.images, result.stats)
+            if ep.wants_features:
+                feature_indices.append(np.asarray(chunk.indices, dtype=np.int64))
+                features.append(pool3.astype(np.float32))  # exact: the network's features are float32
             result.n += len(chunk.indices)
             result.tokens_sum += int(chunk.budgets.sum())
             for b, label in zip(chunk.budgets.tolist(), chunk.labels.tolist()):
@@ -452,6 +553,16 @@ class Evaluation:
         indices = sorted(result.preview)
         images = np.stack([result.preview[i] for i in indices]) if indices else np.zeros((0, 1, 1, 3), np.uint8)
         save_npz(_preview_path(path), {"indices": np.asarray(indices, dtype=np.int64), "images": images})
+        if features:
+            result.feature_index, result.features = np.concatenate(feature_indices), np.concatenate(features)
+        if ep.wants_features or ep.wants_spatial:
+            extra: dict[str, np.ndarray] = {}
+            if result.features is not None:
+                extra.update(feature_index=result.feature_index, features=result.features)
+            if result.spatial is not None:
+                extra.update(spatial_n=np.array(result.spatial.n), spatial_sum=result.spatial.sum,
+                             spatial_sum_outer=result.spatial.sum_outer)
+            save_npz(_extras_path(path), extra)
         # the statistics file is written last: its presence marks a complete piece
         result.stats.save(path, metadata={"key": json.dumps(self.piece_key(piece), sort_keys=True),
                                           "sums": json.dumps(result.sums())})
@@ -461,6 +572,29 @@ class Evaluation:
         """The split's reference statistics (cached by :func:`sampling.fid.reference_stats`)."""
         return reference_stats(self.data, self.settings.split, self.protocol, self._reference_max_images(),
                                extractor=self.extractor, progress=self.progress)
+
+    def reference_sets(self, ref: FeatureStats) -> tuple[ReferenceSet, ReferenceSet]:
+        """The references of reconstructions (the evaluated images, whose statistics are ``ref``) and of
+        samples (the protocol's: the same images, another split, an image batch or a statistics file), with
+        the per-image features and spatial statistics the protocol's metrics need (cached)."""
+        ep = self.eval_protocol
+        recon = ReferenceSet(f"the evaluated {self.settings.split} images", ref.mean, ref.cov, ref.n,
+                             protocol_id=ref.protocol)
+        if ep.wants_features or ep.wants_spatial:
+            def batches() -> Iterable[np.ndarray]:
+                step = self.extractor.batch_size
+                for lo in range(0, len(self.positions), step):
+                    yield np.concatenate([self.dataset.uint8_images(int(p), int(p) + 1)
+                                          for p in self.positions[lo:lo + step]])  # (b, R, R, 3)
+            extras = image_extras(self.extractor, batches(), self.num_images, self.reference_name,
+                                  ep.wants_spatial, f"reference {self.settings.split}")
+            recon.features = extras["features"]
+            recon.spatial_mu, recon.spatial_sigma = extras.get("spatial_mu"), extras.get("spatial_sigma")
+        if ep.reference.kind == "split" and ep.reference.split is None:
+            return recon, recon
+        if ep.reference.kind == "split":
+            return recon, split_reference(ep, self.data, self.extractor)
+        return recon, file_reference(ep, self.extractor)
 
     def run(self, out_dir: str | Path, shard: Shard = WHOLE) -> dict[str, Any] | None:
         """Evaluate ``shard``'s pieces; when every shard's pieces are done, write the report and return it."""
@@ -483,7 +617,7 @@ class Evaluation:
         out.mkdir(parents=True, exist_ok=True)
         ref = self.reference()
         shards = max((r.piece.shard.count for r in results if r is not None), default=1)
-        report = self._report_dict(merged, ref, shards)
+        report = self._report_dict(merged, ref, shards, *self.reference_sets(ref))
         files = ["report.json", "report.md", "fid_vs_tokens.png", "reconstructions.png"]
         plot_fid_vs_tokens(report, out / "fid_vs_tokens.png")
         self._reconstructions_figure(merged, out / "reconstructions.png")
@@ -508,21 +642,34 @@ class Evaluation:
         print(f"[eval] report: {out / 'report.md'}", file=sys.stderr)
         return report
 
-    def _report_dict(self, merged: dict[tuple[str, Budget], PieceResult], ref: FeatureStats,
-                     shards: int) -> dict[str, Any]:
-        m, s = self.models, self.settings
+    def _metrics(self, result: PieceResult, ref: ReferenceSet) -> dict[str, Any]:
+        return compute_metrics(self.eval_protocol, result.stats, ref, features=result.sorted_features(),
+                               spatial=result.spatial, weights=self.extractor.weights_path)
+
+    def _report_dict(self, merged: dict[tuple[Any, ...], PieceResult], ref: FeatureStats, shards: int,
+                     recon_ref: ReferenceSet, gen_ref: ReferenceSet) -> dict[str, Any]:
+        m, s, ep = self.models, self.settings, self.eval_protocol
         prior_id = m.prior_identity["id"] if m.prior_identity is not None else None
         common = {"protocol_id": self.extractor.protocol_id, "seed": s.seed,
                   "tokenizer_id": m.tokenizer_identity["id"], "prior_id": prior_id}
 
         def gen_fields(budget: Budget) -> dict[str, Any]:
-            gen = merged.get((GEN, budget))
-            return {"gfid": fid_from_stats(gen.stats, ref) if gen else None, "n_samples": gen.n if gen else None}
+            runs = [merged[key] for key in [(GEN, budget), *((GEN, budget, k) for k in range(1, s.seeds))]
+                    if key in merged]
+            if not runs:
+                return {"gfid": None, "n_samples": None}
+            metrics = mean_and_spread([self._metrics(r, gen_ref) for r in runs])
+            metrics["seeds"] = [s.seed + k for k in range(len(runs))]
+            return {"gfid": metrics["fid"], "n_samples": runs[0].n, "gen_metrics": metrics}
+
+        def recon_fields(r: PieceResult) -> dict[str, Any]:
+            metrics = self._metrics(r, recon_ref)
+            return {"rfid": metrics["fid"], "recon_metrics": metrics}
 
         entries = []
         for b in self.budgets:
             r = merged[(RECON, b)]
-            entries.append({"budget": b, "n_images": r.n, "rfid": fid_from_stats(r.stats, ref),
+            entries.append({"budget": b, "n_images": r.n, **recon_fields(r),
                             "l1": r.l1_sum / r.n, "lpips": r.lpips_sum / r.n, **gen_fields(b), **common})
         adaptive = None
         if (RECON, ADAPTIVE) in merged:
@@ -530,11 +677,12 @@ class Evaluation:
             note = None
             if m.prior is not None and (GEN, ADAPTIVE) not in merged:
                 note = self.budget_probs_note
+            generated = gen_fields(ADAPTIVE)
             adaptive = {"threshold": s.adaptive_threshold, "n_images": r.n, "mean_tokens": r.tokens_sum / r.n,
                         "histogram": {str(b): r.histogram.get(b, 0) for b in m.tokenizer.budgets},
-                        "l1": r.l1_sum / r.n, "lpips": r.lpips_sum / r.n, "rfid": fid_from_stats(r.stats, ref),
-                        **gen_fields(ADAPTIVE), "gfid_note": note, **common,
-                        **self._generated_lengths(merged, entries, ref)}
+                        "l1": r.l1_sum / r.n, "lpips": r.lpips_sum / r.n, **recon_fields(r),
+                        **generated, "gfid_note": note, **common,
+                        **self._generated_lengths(merged, entries, generated["gfid"])}
         prior = None
         if m.prior is not None and m.prior_identity is not None:
             prior = {"id": prior_id, "path": str(m.prior_dir), "tag": m.prior_tag, "kind": m.prior.kind,
@@ -545,17 +693,21 @@ class Evaluation:
             "git_commit": git_commit(), "versions": library_versions(),
             "tokenizer": {"id": m.tokenizer_identity["id"], "path": str(m.tokenizer_dir), "tag": m.tokenizer_tag},
             "prior": prior,
-            "protocol": {"name": self.protocol.value, "id": self.extractor.protocol_id},
+            "protocol": {"name": self.protocol.value, "id": self.extractor.protocol_id, "eval": ep.to_dict(),
+                         "summary": ep.summary(s.split, self.num_samples if m.prior is not None else None),
+                         "recon_reference": recon_ref.description, "gen_reference": gen_ref.description,
+                         "notes": sorted({*recon_ref.notes, *gen_ref.notes})},
             "data": {"config": to_dict(self.data), "split": s.split, "split_size": len(self.dataset),
                      "n_images": self.num_images,
                      "reference": self.reference_name},
             "settings": {**{k: v for k, v in asdict(s).items() if k in SETTINGS_KEYS}, "budgets": self.budgets,
-                         "shards": shards},
+                         "shards": shards, "seeds": s.seeds, "num_samples": self.num_samples,
+                         "classes": ep.classes},
             "budgets": entries, "adaptive": adaptive, "files": [],
         }
 
-    def _generated_lengths(self, merged: dict[tuple[str, Budget], PieceResult], entries: list[dict[str, Any]],
-                           ref: FeatureStats) -> dict[str, Any]:
+    def _generated_lengths(self, merged: dict[tuple[Any, ...], PieceResult], entries: list[dict[str, Any]],
+                           gfid: float | None) -> dict[str, Any]:
         """The adaptive row's account of the generated lengths: which length model, the realised histogram
         beside the evaluated split's TSC histogram (overall and per class) with total-variation distances,
         gFID against every fixed budget and the budget nearest the realised mean, and held-out bits."""
@@ -568,7 +720,6 @@ class Evaluation:
         mean = gen.tokens_sum / gen.n
         matched = min(budgets, key=lambda b: (abs(b - mean), b))
         fixed = {e["budget"]: e["gfid"] for e in entries if e["gfid"] is not None}
-        gfid = fid_from_stats(gen.stats, ref)
         per_class_gen = _class_counts(gen.class_histogram, budgets)
         per_class_data = _class_counts(recon.class_histogram, budgets)
         tv_per_class: dict[str, float] = {}
@@ -659,6 +810,10 @@ def _preview_path(stats_path: Path) -> Path:
     return stats_path.with_name(stats_path.name.replace(".stats.safetensors", ".preview.npz"))
 
 
+def _extras_path(stats_path: Path) -> Path:
+    return stats_path.with_name(stats_path.name.replace(".stats.safetensors", ".features.npz"))
+
+
 def save_tiles(tiles: np.ndarray, cols: int, path: str | Path) -> Path:
     """``(k, H, W, 3)`` uint8 images as a PNG grid with ``cols`` columns (white padding)."""
     k = len(tiles)
@@ -736,6 +891,50 @@ def _num(x: float | None, digits: int = 2) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
 
+METRIC_COLUMNS = ("tokens", "images", "N", "reference N", "FID", "sFID", "KID x 1e3", "precision", "recall", "IS")
+
+
+def _stat(metrics: dict[str, Any], key: str, digits: int, scale: float = 1.0) -> str:
+    """``metrics[key]`` (times ``scale``), with ``± std`` over seeds when there were several."""
+    value = metrics.get(key)
+    if value is None:
+        return "n/a"
+    text = f"{value * scale:.{digits}f}"
+    if len(metrics.get(f"{key}_seeds", [])) > 1:
+        text += f" ± {metrics[f'{key}_std'] * scale:.{digits}f}"
+    elif key == "kid_mean" and metrics.get("kid_std") is not None:
+        text += f" ± {metrics['kid_std'] * scale:.{digits}f}"
+    return text
+
+
+def metric_rows(report: dict[str, Any]) -> list[list[str]]:
+    """The standard metric set per budget, reconstructions and samples, as table cells (``METRIC_COLUMNS``);
+    with several seeds each generated number is "mean ± std over seeds" (KID alone: ± its subset std)."""
+    rows = []
+    entries = [(str(e["budget"]), e) for e in report["budgets"]]
+    if report["adaptive"] is not None:
+        entries.append((f"adaptive (mean {report['adaptive']['mean_tokens']:.1f})", report["adaptive"]))
+    for label, e in entries:
+        for kind, key in (("reconstructions", "recon_metrics"), ("samples", "gen_metrics")):
+            m = e.get(key)
+            if not m:
+                continue
+            isc = _stat(m, "isc_mean", 2)
+            rows.append([label, kind, str(m["n"]), "-" if m["n_reference"] is None else str(m["n_reference"]),
+                         _stat(m, "fid", 2), _stat(m, "sfid", 2), _stat(m, "kid_mean", 2, 1e3),
+                         _stat(m, "precision", 3), _stat(m, "recall", 3), isc])
+    return rows
+
+
+def metric_notes(report: dict[str, Any]) -> list[str]:
+    """Why a metric is n/a, and what the numbers rest on (deduplicated across rows)."""
+    notes = list(report["protocol"]["notes"])
+    for e in [*report["budgets"], *([report["adaptive"]] if report["adaptive"] else [])]:
+        for key in ("recon_metrics", "gen_metrics"):
+            notes += (e.get(key) or {}).get("notes", [])
+    return list(dict.fromkeys(notes))
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     """``report.md``: the numbers as tables, the figures, and where they come from."""
     s, d, a = report["settings"], report["data"], report["adaptive"]
@@ -747,7 +946,7 @@ def render_markdown(report: dict[str, Any]) -> str:
              + (f"; samples: seed {s['seed']}, CFG {s['cfg_scale']:g}, temperature {s['temperature']:g}, "
                 f"{s['steps']} steps, classes round-robin" if prior else "") + ".",
              "FID from few images is biased upwards: compare numbers only at equal N and protocol.",
-             "",
+             "", f"Protocol {report['protocol']['summary']}.", "",
              "| tokens | rFID | gFID | L1 | LPIPS | images |",
              "|---:|---:|---:|---:|---:|---:|"]
     for e in report["budgets"]:
@@ -756,6 +955,17 @@ def render_markdown(report: dict[str, Any]) -> str:
     if a is not None:
         lines.append(f"| adaptive (mean {a['mean_tokens']:.1f}) | {_num(a['rfid'])} | {_num(a['gfid'])} | "
                      f"{a['l1']:.4f} | {a['lpips']:.4f} | {a['n_images']} |")
+    p = report["protocol"]
+    seeds = s.get("seeds", 1)
+    lines += ["", f"## Standard metrics (protocol `{p['eval']['name']}`)", "",
+              f"Protocol {p['summary']}. Reconstructions against {p['recon_reference']}, samples against "
+              f"{p['gen_reference']}"
+              + (f"; samples: mean ± std over {seeds} seeds ({', '.join(str(s['seed'] + k) for k in range(seeds))})"
+                 if seeds > 1 else "") + "; KID ± its subset std.", "",
+              "| " + " | ".join(METRIC_COLUMNS) + " |", "|" + "---:|" * len(METRIC_COLUMNS)]
+    lines += ["| " + " | ".join(row) + " |" for row in metric_rows(report)]
+    lines += [""] + [f"- {note}" for note in metric_notes(report)]
+    if a is not None:
         lines += ["", f"## Token-count selection at L1 < {a['threshold']:g}", "",
                   f"Mean tokens {a['mean_tokens']:.2f}; L1 {a['l1']:.4f}; LPIPS {a['lpips']:.4f}.", "",
                   "| tokens | images | share |", "|---:|---:|---:|"]
@@ -811,14 +1021,19 @@ _TOP = {"format": _STR, "format_version": _INT, "created": _STR, "git_commit": _
         "settings": (dict,), "budgets": (list,), "adaptive": (dict, type(None)), "files": (list,)}
 _IDENT = {"id": _STR, "path": _STR, "tag": _STR}
 _PRIOR = {**_IDENT, "kind": _STR, "tokenizer_id": _STR}
-_PROTOCOL = {"name": _STR, "id": _STR}
+_PROTOCOL = {"name": _STR, "id": _STR, "eval": (dict,), "summary": _STR, "recon_reference": _STR,
+             "gen_reference": _STR, "notes": (list,)}
+_OPT_NUM = (*_NUM, type(None))
+_METRICS = {"n": _INT, "n_reference": (int, type(None)), "fid": _NUM, "sfid": _OPT_NUM, "kid_mean": _OPT_NUM,
+            "kid_std": _OPT_NUM, "precision": _OPT_NUM, "recall": _OPT_NUM, "f_score": _OPT_NUM,
+            "isc_mean": _OPT_NUM, "isc_std": _OPT_NUM, "notes": (list,)}
 _DATA = {"config": (dict,), "split": _STR, "split_size": _INT, "n_images": _INT, "reference": _STR}
 _SETTINGS = {"budgets": (list,), "num_images": (int, type(None)), "seed": _INT, "cfg_scale": _NUM,
              "temperature": _NUM, "steps": _INT, "chunk_size": _INT, "adaptive_threshold": (*_NUM, type(None)),
-             "shards": _INT}
+             "shards": _INT, "seeds": _INT, "num_samples": _INT, "classes": _STR}
 _COMMON = {"protocol_id": _STR, "seed": _INT, "tokenizer_id": _STR, "prior_id": (str, type(None)),
            "gfid": (*_NUM, type(None)), "n_samples": (int, type(None)), "rfid": _NUM, "l1": _NUM, "lpips": _NUM,
-           "n_images": _INT}
+           "n_images": _INT, "recon_metrics": (dict,)}
 _BUDGET = {"budget": _INT, **_COMMON}
 _ADAPTIVE = {"threshold": _NUM, "mean_tokens": _NUM, "histogram": (dict,), "gfid_note": (str, type(None)),
              **_COMMON}
@@ -876,6 +1091,18 @@ def validate_report(report: dict[str, Any]) -> None:
             errors.append(f"{where}.gfid: a gFID without a prior")
         if (entry["gfid"] is None) != (entry["n_samples"] is None):
             errors.append(f"{where}: gfid and n_samples must both be set or both null")
+        _check_fields(entry["recon_metrics"], _METRICS, f"{where}.recon_metrics", errors)
+        if entry["gfid"] is not None:
+            gm = entry.get("gen_metrics")
+            if _check_fields(gm, _METRICS, f"{where}.gen_metrics", errors) and gm.get("fid") != entry["gfid"]:
+                errors.append(f"{where}: gfid differs from gen_metrics.fid")
+            if isinstance(gm, dict) and len(gm.get("seeds", [])) != report["settings"]["seeds"]:
+                errors.append(f"{where}.gen_metrics.seeds: expected {report['settings']['seeds']} seeds")
+        for key in ("recon_metrics", "gen_metrics"):
+            for name in ("precision", "recall"):
+                v = (entry.get(key) or {}).get(name)
+                if isinstance(v, float) and not 0 <= v <= 1:
+                    errors.append(f"{where}.{key}.{name}: {v} outside [0, 1]")
 
     budgets = []
     for i, entry in enumerate(report["budgets"]):

@@ -247,7 +247,7 @@ def test_eval_report_and_feature_cache(ckpts: dict[str, Path], tmp_path: Path, c
 
     # the validator catches departures from the schema
     for break_it in (lambda r: r["budgets"][0].pop("rfid"), lambda r: r["adaptive"]["histogram"].update({"4": 99}),
-                     lambda r: r["budgets"][1].update(gfid=None), lambda r: r.update(format_version=2),
+                     lambda r: r["budgets"][1].update(gfid=None), lambda r: r.update(format_version=99),
                      lambda r: r["budgets"].reverse()):
         bad = copy.deepcopy(report)
         break_it(bad)

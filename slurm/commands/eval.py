@@ -56,7 +56,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="evaluated images of the split (seeded stratified subset) and samples per budget "
                              "(default: the whole split)")
     parser.add_argument("--split", default="val", help="dataset split (train, val, all)")
-    parser.add_argument("--protocol", default="torch_fidelity", help="FID protocol: torch_fidelity | clean_fid")
+    parser.add_argument("--protocol", default="torch_fidelity",
+                        help="evaluation protocol: a name from configs/eval/ (demo_emoji, gfid50k_imagenet), a "
+                             "protocol YAML, or the Inception preprocessing alone, torch_fidelity | clean_fid "
+                             "(the evaluated images as reference; default torch_fidelity)")
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="sample every gFID with N seeds (--seed, --seed+1, ...): mean and spread (default 1)")
     parser.add_argument("--cfg", type=float, default=0.0, help="gFID guidance scale (0 = none)")
     parser.add_argument("--temperature", type=float, default=1.0, help="gFID sampling temperature")
     parser.add_argument("--steps", type=int, default=8, help="gFID MaskGIT decoding steps")
@@ -135,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
                             split=args.split, protocol=args.protocol, cfg_scale=args.cfg,
                             temperature=args.temperature, steps=args.steps, seed=args.seed,
                             adaptive_threshold=args.adaptive_threshold, chunk_size=args.batch_size,
-                            length_model=args.length_model)
+                            length_model=args.length_model, seeds=args.seeds)
     name = models.tokenizer_tag + (f"+{models.prior_tag}" if models.prior is not None else "")
     out = Path(args.out) if args.out else runs_dir() / "eval" / name
     if jobs:  # the plan is made here (bad input fails before anything is queued); the jobs rebuild it
