@@ -504,7 +504,7 @@ class Evaluation:
             return iter_recon_chunks(self.models.tokenizer, self.dataset, self.positions, piece.budget,
                                      self.settings.adaptive_threshold, self.settings.chunk_size, piece.shard,
                                      self.progress, desc)
-        return iter_sample_chunks(self.models, self.sample_settings(piece.budget), piece.shard,
+        return iter_sample_chunks(self.models, self.sample_settings(piece.budget, piece.seed_index), piece.shard,
                                   self.budget_probs if piece.budget == ADAPTIVE else None, self.progress, desc)
 
     @torch.no_grad()
