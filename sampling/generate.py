@@ -7,7 +7,9 @@ by *global* image index, so shards of one request fill one folder)::
         000000.png 000001.png ...                           one PNG per image, by global index
         samples.npz                                         images (N,H,W,3) uint8, labels (N,), budgets (N,),
                                                             indices (N,) = arange(N)
-        samples.json                                        settings and checkpoint identities
+        samples.json                                        settings (``sampler``: every sampler setting
+                                                            used) and checkpoint identities
+    <out>/<prior name>-<hash8>/budget032-cfg1.5-seed0-s1a2b3c/   other sampler settings than the defaults
     <out>/<prior name>-<hash8>/adaptive-cfg1.5-seed0/       budgets drawn per image (see below)
     <out>/<tokenizer name>-<hash8>/recon-budget032/         alit reconstruct: the same files, with
     <out>/<tokenizer name>-<hash8>/recon-adaptive-t0.07/    reconstructions.npz (+ l1 (N,), positions (N,))
@@ -70,8 +72,10 @@ from tokenizer.core.errors import UsageError
 from tokenizer.core.images import from_uint8, to_uint8
 from tokenizer.core.io import atomic_path, atomic_write_text
 
+from . import presets
 from .ar_sampler import ARSampler
 from .maskgit_sampler import MaskGITSampler
+from .schedules import get_schedule
 
 ADAPTIVE = "adaptive"  # the budget of per-image budgets (drawn for samples, chosen by TSC for reconstructions)
 LENGTH_MODELS = ("learned", "histogram")  # who chooses adaptive budgets: the prior's length model, or the TSC histogram
@@ -271,6 +275,12 @@ class SampleSettings:
     length_model: str = "learned"  # adaptive: "learned" (the prior's p(budget | class)) or "histogram" (TSC)
     budget_temperature: float = 1.0  # adaptive, learned: temperature of p(budget | class) (0 = most likely)
     max_budget: int | None = None  # adaptive, learned: no budget above this one
+    # the value schedules and MaskGIT's choice noise and masking (sampling.presets: names, ranges, defaults)
+    cfg_schedule: str = presets.DEFAULTS["cfg_schedule"]  # constant | linear (0 up) | linear-down
+    temperature_schedule: str = presets.DEFAULTS["temperature_schedule"]  # MaskGIT only
+    choice_temperature: float = presets.DEFAULTS["choice_temperature"]  # MaskGIT only: confidence Gumbel noise
+    choice_schedule: str = presets.DEFAULTS["choice_schedule"]  # MaskGIT only (default: down to 0)
+    mask_schedule: str = presets.DEFAULTS["mask_schedule"]  # MaskGIT only: cosine | arccos | linear
 
     def __post_init__(self) -> None:
         if self.length_model not in LENGTH_MODELS:
@@ -296,29 +306,45 @@ class SampleSettings:
             raise ValueError(f"classes must be 'all', 'none' or a class id, got {self.classes!r}")
         if isinstance(self.classes, int) and self.classes < 0:
             raise ValueError(f"a class id is >= 0, got {self.classes} (use 'none' for the null class)")
+        presets.check_settings(self.sampler_settings())  # the schedules' names, top_k, top_p, choice noise
 
     @property
     def learned(self) -> bool:
         """Adaptive budgets chosen by the prior's length model."""
         return self.budget == ADAPTIVE and self.length_model == "learned"
 
+    def sampler_settings(self, kind: str | None = None) -> dict[str, Any]:
+        """The sampler settings of this request (:data:`sampling.presets.KNOBS`); only those prior kind
+        ``kind`` uses when given."""
+        names = presets.names_for(kind) if kind is not None else tuple(presets.DEFAULTS)
+        return {n: getattr(self, n) for n in names}
+
     def folder_name(self) -> str:
         """``budget032-cfg1.5-seed0`` / ``adaptive-cfg1.5-seed0`` (histogram) / ``adaptive-learned-cfg1.5-seed0``
-        (``-bt0.8``, ``-max64`` when the learned choice is biased)."""
+        (``-bt0.8``, ``-max64`` when the learned choice is biased); ``-s<hash6>`` of the other sampler
+        settings when any differs from its default, so two settings never share a folder."""
         label = budget_label(self.budget)
         if self.learned:
             label += "-learned" + (f"-bt{self.budget_temperature:g}" if self.budget_temperature != 1.0 else "") \
                 + (f"-max{self.max_budget}" if self.max_budget is not None else "")
-        return f"{label}-cfg{self.cfg_scale:g}-seed{self.seed}"
+        others = presets.non_default({k: v for k, v in self.sampler_settings().items() if k != "cfg_scale"})
+        digest = hashlib.sha256(json.dumps(others, sort_keys=True).encode()).hexdigest()[:6] if others else ""
+        return f"{label}-cfg{self.cfg_scale:g}-seed{self.seed}" + (f"-s{digest}" if digest else "")
 
     def to_dict(self) -> dict[str, Any]:
-        """The request (the length-model fields only for adaptive budgets, so fixed-budget requests and their
-        folders and caches are those of before)."""
+        """The request (the length-model fields only for adaptive budgets, and the schedule fields only when
+        not at their defaults, so earlier requests and their folders and caches are those of before)."""
         out = asdict(self)
         if self.budget != ADAPTIVE:
             for k in ("length_model", "budget_temperature", "max_budget"):
                 out.pop(k)
+        for k in _LATER_FIELDS:
+            if out[k] == presets.DEFAULTS[k]:
+                out.pop(k)
         return out
+
+
+_LATER_FIELDS = ("cfg_schedule", "temperature_schedule", "choice_temperature", "choice_schedule", "mask_schedule")
 
 
 def parse_classes(text: str) -> str | int:
@@ -346,18 +372,25 @@ def classes_for(indices: np.ndarray, mode: str | int, space: TokenSpace) -> torc
 
 
 def make_sampler(prior: Prior, settings: SampleSettings) -> MaskGITSampler | ARSampler:
-    """The sampler of the prior's kind with the request's settings."""
+    """The sampler of the prior's kind with the request's settings (a setting that kind does not use,
+    away from its default, is refused)."""
     if prior.space.num_classes == 0 and settings.cfg_scale != 0:
         raise ValueError(f"cfg_scale={settings.cfg_scale} needs a class-conditional prior; this one is "
                          "unconditional: use --cfg 0")
-    length = {"budget_temperature": settings.budget_temperature, "max_budget": settings.max_budget}
-    if prior.kind == "maskgit":
-        return MaskGITSampler(steps=settings.steps, temperature=settings.temperature, cfg_scale=settings.cfg_scale,
-                              **length)
-    if prior.kind == "ar":
-        return ARSampler(temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p,
-                         cfg_scale=settings.cfg_scale, **length)
-    raise ValueError(f"no sampler for prior kind '{prior.kind}' (known: maskgit, ar)")
+    if prior.kind not in (presets.MASKGIT, presets.AR):
+        raise ValueError(f"no sampler for prior kind '{prior.kind}' (known: maskgit, ar)")
+    problem = presets.kind_problem(presets.non_default(settings.sampler_settings()), prior.kind, "the settings")
+    if problem:
+        raise ValueError(problem)
+    s = settings
+    length = {"budget_temperature": s.budget_temperature, "max_budget": s.max_budget}
+    cfg = presets.value_schedule(s.cfg_schedule, s.cfg_scale)
+    if prior.kind == presets.MASKGIT:
+        return MaskGITSampler(steps=s.steps, schedule=get_schedule(s.mask_schedule),
+                              temperature=presets.value_schedule(s.temperature_schedule, s.temperature),
+                              choice_temperature=presets.value_schedule(s.choice_schedule, s.choice_temperature),
+                              cfg_scale=cfg, **length)
+    return ARSampler(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, cfg_scale=cfg, **length)
 
 
 # ============================================================================ chunks of images
@@ -580,7 +613,9 @@ def sample_to_folder(models: Models, settings: SampleSettings, out_root: str | P
     A folder whose npz for this shard (or the merged npz) already exists for the same request is kept.
     """
     folder = Path(out_root) / models.prior_tag / settings.folder_name()
+    kind = models.prior.kind if models.prior is not None else None
     meta = {"kind": "samples", "settings": settings.to_dict(), "prior_id": (models.prior_identity or {}).get("id"),
+            "sampler": {"kind": kind, **settings.sampler_settings(kind)},  # every setting the sampler ran with
             "tokenizer_id": models.tokenizer_identity["id"],
             "budget_probs": budget_probs.tolist() if budget_probs is not None else None}
     if (folder / f"{SAMPLES}.npz").is_file() or shard_file(folder, SAMPLES, shard).is_file():

@@ -106,13 +106,17 @@ def plan_tasks(evaluation: Evaluation, shards: int) -> list[tuple[Budget, int]]:
 
 
 # ============================================================================ job entry functions
-def evaluate_shard(request: dict[str, Any], budget: Budget, shard: str) -> dict[str, Any]:
-    """Job entry: every piece (recon, and gen with a prior) of ``budget`` and ``shard`` ("i/n")."""
+def evaluate_shard(request: dict[str, Any], budget: Budget, shard: str,
+                   kinds: list[str] | None = None) -> dict[str, Any]:
+    """Job entry: every piece (recon, and gen with a prior) of ``budget`` and ``shard`` ("i/n"); only those
+    of ``kinds`` (``["recon"]``, ``["gen"]``) when given, as a guidance sweep's tasks split them."""
     evaluation = EvalRequest.from_dict(request).build()
     part = Shard.parse(shard)
-    pieces = [p for p in evaluation.plan(part.count) if p.budget == budget and p.shard == part]
+    pieces = [p for p in evaluation.plan(part.count) if p.budget == budget and p.shard == part
+              and (kinds is None or p.kind in kinds)]
     if not pieces:
-        raise ValueError(f"the evaluation has no piece of budget {budget_label(budget)} and shard {shard}")
+        raise ValueError(f"the evaluation has no {'/'.join(kinds or ['recon', 'gen'])} piece of budget "
+                         f"{budget_label(budget)} and shard {shard}")
     done = []
     for piece in pieces:
         result = evaluation.evaluate_piece(piece)

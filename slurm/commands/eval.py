@@ -4,6 +4,13 @@
     alit eval --tokenizer runs/tok/final --prior runs/prior/final --cfg 1.5 --out reports/tok_prior  # + gFID
     alit eval ... --shard 3/8         # one of eight runs by hand; the run that completes the set writes the report
     alit eval ... --cluster slurm --shards 4 --gpus 1 --time 1:00:00   # as Slurm jobs (see slurm.eval_jobs)
+    alit eval ... --prior P --sweep cfg=1,1.5,2 temperature=0.9,1 --save-best   # a guidance sweep
+
+gFID samples with the prior's ``sampling.json`` (see :mod:`sampling.presets`) unless a flag overrides a
+setting: defaults < ``sampling.json`` (every budget, then the budget's own entry) < flags. ``--sweep`` runs
+one evaluation per point of a grid of sampler settings (one job array of (point x budget x shard) tasks and
+the reconstructions once, plus a merge job, with ``--cluster``) and writes a table and ``gfid_vs_<setting>.png``
+(see :mod:`slurm.guidance_sweep`); ``--save-best`` writes each budget's best settings into ``sampling.json``.
 
 With ``--cluster slurm`` one job array gets a task per (budget x shard) (adaptive counts as one more budget)
 and a merge job that depends on it writes the report; ``--no-wait`` prints both job ids and returns.
@@ -18,9 +25,11 @@ of every (kind, budget, shard) piece are cached under ``$ALIT_HOME/features/eval
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sampling.presets import add_sampler_arguments
 from tokenizer.core.data import DataSpec
 from tokenizer.core.errors import UsageError
 
@@ -62,9 +71,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "(the evaluated images as reference; default torch_fidelity)")
     parser.add_argument("--seeds", type=int, default=1,
                         help="sample every gFID with N seeds (--seed, --seed+1, ...): mean and spread (default 1)")
-    parser.add_argument("--cfg", type=float, default=0.0, help="gFID guidance scale (0 = none)")
-    parser.add_argument("--temperature", type=float, default=1.0, help="gFID sampling temperature")
-    parser.add_argument("--steps", type=int, default=8, help="gFID MaskGIT decoding steps")
     parser.add_argument("--seed", type=int, default=0, help="gFID sampling seed")
     parser.add_argument("--adaptive-threshold", type=_threshold, default=0.07,
                         help="token-count selection threshold (L1, [0, 1] units), or 'none' to skip")
@@ -84,6 +90,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None,
                         help="torch device (default: cuda if available, else cpu; with --cluster: in each job)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--sweep", nargs="+", default=None, metavar="KEY=V1,V2|FILE",
+                        help="a guidance sweep over a grid of sampler settings (e.g. cfg=1,1.5,2 temperature=0.9,1, "
+                             "or a YAML file {cfg: [1, 1.5]}): gFID per point and budget, a table and plots")
+    parser.add_argument("--save-best", action="store_true",
+                        help="with --sweep: write each budget's lowest-gFID settings into <prior>/sampling.json")
+    add_sampler_arguments(parser, " for gFID")
     add_cluster_arguments(parser)  # --cluster slurm|local|debug|none (default none: this process) + resources
 
 
@@ -106,6 +118,12 @@ def print_report_table(report: dict[str, Any], out: str | Path) -> None:
 
 def _flag_problem(args: argparse.Namespace, slurm_overrides: list[str]) -> str | None:
     """Why the flags do not go together, or None."""
+    if args.save_best and not args.sweep:
+        return "--save-best writes the best settings of a sweep: add --sweep KEY=V1,V2 (e.g. --sweep cfg=1,2)"
+    if args.sweep and args.prior is None:
+        return "--sweep varies the sampler settings of gFID: pass --prior DIR"
+    if args.sweep and args.shard is not None:
+        return "--sweep runs every piece of every point: drop --shard (with --cluster, --shards N splits them)"
     if args.cluster == "none":
         return job_flags_problem(args, slurm_overrides, ["--shards"] if args.shards is not None else [], "jobs")
     if args.shard is not None:
@@ -126,6 +144,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..eval_jobs import EvalRequest
 
+    _take_overrides(args)
     spec, slurm_overrides = prologue(args, DataSpec, args.config, check=_flag_problem)
     jobs = args.cluster != "none"
     shard = Shard.parse(args.shard or "0/1")
@@ -136,12 +155,24 @@ def run(args: argparse.Namespace) -> int:
     # with jobs this process only plans (on the CPU); each job picks its own device
     device = "cpu" if jobs else (args.device or default_device())
     models = load_models(args.tokenizer, args.prior, device)
+    sampler, per_budget, preset = _sampler_settings(args, models)
+    grid = None
+    if args.sweep:
+        from ..guidance_sweep import check_grid, parse_sweep
+
+        grid = parse_sweep(args.sweep)
+        prior = models.require_prior()
+        check_grid(grid, prior.kind, prior.space.num_classes)
     settings = EvalSettings(budgets=args.budgets, num_images=args.num_images,  # checked by the Evaluation
-                            split=args.split, protocol=args.protocol, cfg_scale=args.cfg,
-                            temperature=args.temperature, steps=args.steps, seed=args.seed,
+                            split=args.split, protocol=args.protocol, seed=args.seed,
                             adaptive_threshold=args.adaptive_threshold, chunk_size=args.batch_size,
-                            length_model=args.length_model, seeds=args.seeds)
+                            length_model=args.length_model, per_budget=per_budget, preset=preset, seeds=args.seeds,
+                            **sampler)
     name = models.tokenizer_tag + (f"+{models.prior_tag}" if models.prior is not None else "")
+    if grid is not None:
+        folder = "sweep-" + "-".join(k.replace("_", "-") for k in grid.keys)
+        out = Path(args.out) if args.out else runs_dir() / "eval" / name / folder
+        return _run_sweep(args, spec.data, settings, models, grid, out, device, slurm)
     out = Path(args.out) if args.out else runs_dir() / "eval" / name
     if jobs:  # the plan is made here (bad input fails before anything is queued); the jobs rebuild it
         request = EvalRequest.from_parts(args.tokenizer, args.prior, spec.data, settings, args.tokens,
@@ -153,6 +184,60 @@ def run(args: argparse.Namespace) -> int:
     if report is None:
         return 0
     print_report_table(report, out)
+    return 0
+
+
+def _take_overrides(args: argparse.Namespace) -> None:
+    """``--sweep`` takes every word after it: dotted ``data.*`` / ``slurm.*`` overrides among them are the
+    command's overrides, not sweep keys."""
+    if args.sweep:
+        dotted = [w for w in args.sweep if "." in w.partition("=")[0] and "=" in w]
+        args.sweep = [w for w in args.sweep if w not in dotted]
+        args.overrides = [*getattr(args, "overrides", []), *dotted]
+
+
+def _sampler_settings(args: argparse.Namespace, models: Any) -> tuple[dict[str, Any], dict[str, Any], str | None]:
+    """gFID's sampler settings ``(base, per_budget, preset path)``: defaults < the prior's sampling.json <
+    flags; without a prior, any sampler flag is refused (nothing would read it)."""
+    from sampling import presets
+
+    if models.prior is None:
+        given = presets.explicit_settings(args)
+        if given or args.preset:
+            flags = [presets.BY_NAME[k].flag for k in given] + (["--preset"] if args.preset else [])
+            raise UsageError(f"{', '.join(flags)} set how gFID samples: pass --prior DIR (or drop them)")
+        return dict(presets.DEFAULTS), {}, None
+    prior = models.prior
+    base, per_budget, preset = presets.command_settings(args, models.prior_dir, prior.kind, prior.space.budgets)
+    if preset.path is not None:
+        print(f"[eval] sampler settings from {preset.path} (flags override them)", file=sys.stderr)
+    return base, per_budget, None if preset.path is None else str(preset.path)
+
+
+def _run_sweep(args: argparse.Namespace, data: Any, settings: Any, models: Any, grid: Any, out: Path,
+               device: str, slurm: SlurmConfig | None) -> int:
+    """The sweep here (one piece after another) or as one array + a merge job; print its table."""
+    from sampling.report import Evaluation
+
+    from ..arrays import announce_and_wait
+    from ..eval_jobs import EvalRequest
+    from ..guidance_sweep import SweepPlan, print_sweep_table, run_here, submit_sweep
+
+    request = EvalRequest.from_parts(args.tokenizer, args.prior, data, settings, args.tokens, args.device)
+    plan = SweepPlan(request, grid, args.shards or 1)
+    if args.cluster == "none":
+        evaluation = Evaluation(models, data, settings, device=device, progress=not args.no_progress,
+                                tokens=args.tokens)
+        report = run_here(plan, evaluation, out, args.save_best)
+    else:
+        evaluation = request.build(device, models=models)
+        plan.tasks(evaluation)  # bad input (e.g. --shards) fails before anything is queued
+        sub, what = submit_sweep(plan, evaluation, out=out, save_best=args.save_best, slurm=slurm,
+                                 cluster=args.cluster)
+        rc, report = announce_and_wait("eval", sub, what, args.no_wait)
+        if report is None:
+            return rc
+    print_sweep_table(report, out)
     return 0
 
 

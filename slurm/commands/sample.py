@@ -10,14 +10,23 @@
 histogram`` draws them from the token cache's TSC histogram instead (the baseline, and the only choice for a
 prior without a length model).
 
+Every sampler setting has a flag (``--cfg --cfg-schedule --temperature --temperature-schedule
+--choice-temperature --choice-schedule --steps --mask-schedule`` for MaskGIT, ``--top-k --top-p`` for AR;
+a flag the prior's kind does not use is refused). Unset ones come from the prior's ``sampling.json`` (its
+``default``, then the budget's own entry; ``--preset FILE`` for another file, ``--no-preset`` for none), then
+the samplers' defaults; see :mod:`sampling.presets`.
+
 Writes ``<out>/<prior name>-<hash8>/budget016-cfg1.5-seed0/`` (PNGs by global index, ``samples.npz``,
-``samples.json``); see :mod:`sampling.generate`. A prior trained for another tokenizer is refused.
+``samples.json`` with every setting sampled with); see :mod:`sampling.generate`. A prior trained for another
+tokenizer is refused.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 
+from sampling.presets import add_sampler_arguments
 from tokenizer.core.errors import UsageError
 
 from . import add_image_set_options, write_adm_copy
@@ -42,17 +51,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-images", type=int, default=64, help="images per budget (global indices 0..N-1)")
     parser.add_argument("--class", dest="classes", default="all",
                         help="'all' (round-robin over classes, default), 'none' (null class) or a class id")
-    parser.add_argument("--cfg", type=float, default=0.0, help="guidance scale: cond + s (cond - uncond); 0 = none")
-    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
-    parser.add_argument("--steps", type=int, default=8, help="MaskGIT decoding steps")
-    parser.add_argument("--top-k", type=int, default=0, help="AR priors: top-k filtering (0 = off)")
-    parser.add_argument("--top-p", type=float, default=1.0, help="AR priors: nucleus filtering (1 = off)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the request (chunk c uses (seed, c))")
     parser.add_argument("--batch-size", type=int, default=32,
                         help="images per chunk and model batch; part of the result (keep it fixed across shards)")
     parser.add_argument("--tokens", default=None,
                         help="token cache for 'adaptive' (default: the one the prior was trained on)")
     add_image_set_options(parser)
+    add_sampler_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -69,12 +74,16 @@ def run(args: argparse.Namespace) -> int:
         parse_classes,
         sample_to_folder,
     )
+    from sampling.presets import command_settings, for_budget
 
     shard = Shard.parse(args.shard)
     classes = parse_classes(args.classes)
     models = load_models(args.tokenizer, args.prior, args.device or default_device())
     prior = models.require_prior()
     budgets = parse_budgets(args.budgets, prior.space.budgets)
+    base, per_budget, preset = command_settings(args, args.prior, prior.kind, prior.space.budgets)
+    if preset.path is not None:
+        print(f"[sample] sampler settings from {preset.path} (flags override them)", file=sys.stderr)
     probs = None
     learned = args.length_model == "learned"
     if (args.budget_temperature != 1.0 or args.max_budget is not None) and not (ADAPTIVE in budgets and learned):
@@ -94,12 +103,11 @@ def run(args: argparse.Namespace) -> int:
         probs = budget_probs_from_cache(cache, prior.space, "train", models.tokenizer_identity)
     for budget in budgets:
         adaptive = budget == ADAPTIVE
-        settings = SampleSettings(budget=budget, num_images=args.num_images, cfg_scale=args.cfg,
-                                  temperature=args.temperature, steps=args.steps, seed=args.seed,
-                                  classes=classes, chunk_size=args.batch_size, top_k=args.top_k,
-                                  top_p=args.top_p, length_model=args.length_model,
+        settings = SampleSettings(budget=budget, num_images=args.num_images, seed=args.seed,
+                                  classes=classes, chunk_size=args.batch_size, length_model=args.length_model,
                                   budget_temperature=args.budget_temperature if adaptive else 1.0,
-                                  max_budget=args.max_budget if adaptive else None)
+                                  max_budget=args.max_budget if adaptive else None,
+                                  **for_budget(base, per_budget, budget))
         folder = sample_to_folder(models, settings, args.out, shard, probs if budget == ADAPTIVE else None,
                                   png=not args.no_png, progress=not args.no_progress)
         print(f"[sample] {folder}")

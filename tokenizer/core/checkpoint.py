@@ -248,14 +248,19 @@ def files_sha256(paths: Iterable[Path]) -> str:
 
 
 # ============================================================================ model identity
+SAMPLING_PRESET = "sampling.json"  # how a prior should be sampled (sampling.presets): not part of its identity
+
+
 def tokenizer_identity(tokenizer_dir: str | Path) -> dict[str, str]:
     """``{"id", "path"}``: sha256 over every config and weight file of a saved model directory.
 
     The id covers each ``.json`` / ``.safetensors`` file's relative path and bytes (temporaries of an
-    interrupted write are skipped), so a moved or copied directory keeps its id and any edited file changes it.
+    interrupted write are skipped), so a moved or copied directory keeps its id and any edited file changes it;
+    a top-level ``sampling.json`` (a sampling preset, not the model) is skipped.
     """
     root = Path(tokenizer_dir)
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in (".json", ".safetensors")
+                   and p.relative_to(root) != Path(SAMPLING_PRESET)
                    and not any(is_temp_name(part) for part in p.relative_to(root).parts))
     if not files:
         raise FileNotFoundError(f"{root} holds no tokenizer (no .json/.safetensors files): pass a directory "
