@@ -73,6 +73,9 @@ COMMANDS: tuple[Command, ...] = (
     Command("analyze", "slurm.commands.analyze",
             "the paper's analyses: token counts against complexity and familiarity (OOD), selection by task",
             "alit analyze complexity --tokenizer runs/emoji_finetune/final --out runs/analysis/complexity"),
+    Command("doctor", "slurm.commands.doctor",
+            "per device: the attention kernel the stack will use and why, torch/xformers builds, bf16, matmul rates",
+            "alit doctor"),
 )
 
 

@@ -7,6 +7,8 @@ from the tensors' device, never from whether ``import xformers`` succeeds alone:
 and still have no CUDA kernels (PyPI's xformers 0.0.35 wheel beside torch 2.11 on an H200 raised
 "xFormers wasn't build with CUDA support" for every operator), so :func:`xformers_usable` runs one tiny
 call per device first and falls back to SDPA with a warning that says what to install.
+:func:`describe_backend` says, per device, which kernel :func:`attention` will use and why (``alit doctor``
+prints it); xformers' own import-time warning is not printed (see :mod:`tokenizer.core.xformers_info`).
 
 Masks (at most one of ``key_mask`` and ``seqlens``):
 - ``key_mask``: bool ``(B, Lk)``, True where a key is real; padded keys get no attention weight.
@@ -21,12 +23,16 @@ from __future__ import annotations
 import functools
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 
+from .xformers_info import xformers_status
+
+CLUSTER_PINS = "requirements/cluster-cu128.txt"  # the pin set whose xformers wheel has kernels (see that file)
 Backend = Literal["auto", "sdpa", "xformers"]
 
 
@@ -54,7 +60,11 @@ def _probe(device: torch.device) -> str | None:
         x = torch.zeros(1, 8, 1, 64, device=device, dtype=torch.float16)  # (B, L, H, D)
         xops.memory_efficient_attention(x, x, x)
     except Exception as e:  # NotImplementedError when the build has no kernels for this device
-        return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        status = xformers_status()
+        if not status.extension_loaded:  # the root cause, e.g. libcudart.so.12 missing beside a CUDA 13 torch
+            reason += f"; its compiled extension did not load ({status.reason})"
+        return reason
     return None
 
 
@@ -70,12 +80,55 @@ def xformers_usable(device: torch.device | str) -> bool:
     if reason is not None and first and xformers_available():
         _warned.add(device)
         warnings.warn(f"attention: xformers imports but does not run on {device} ({reason}); using PyTorch "
-                      f"SDPA there. Install an xformers build with kernels for torch {torch.__version__} and "
-                      "this GPU to use it", RuntimeWarning, stacklevel=3)
+                      f"SDPA there. `alit doctor` says why; {CLUSTER_PINS} installs a torch whose xformers "
+                      "wheel has kernels", RuntimeWarning, stacklevel=3)
     return reason is None
 
 
 _warned: set[torch.device] = set()
+
+
+@dataclass(frozen=True)
+class BackendChoice:
+    """Which kernel :func:`attention` (``backend="auto"``) runs on one device, and why."""
+
+    device: str
+    backend: str  # "xformers" or "sdpa"
+    why: str
+    sdpa_kernel: str  # the kernel SDPA itself picks there for a dense bf16/fp32 call (flash, efficient, math...)
+
+
+def sdpa_kernel(device: torch.device | str, dtype: torch.dtype) -> str:
+    """The kernel ``scaled_dot_product_attention`` picks on ``device`` for a dense (B, H, L, 64) ``dtype`` call
+    (torch's own dispatcher, with the SDPA backends this process has enabled)."""
+    from torch.nn.attention import SDPBackend
+
+    q = torch.zeros(1, 8, 16, 64, device=device, dtype=dtype)
+    try:
+        choice = SDPBackend(torch._fused_sdp_choice(q, q, q))
+    except Exception as e:  # a private dispatcher call: say so rather than fail
+        return f"unknown ({type(e).__name__})"
+    return choice.name.lower()
+
+
+def describe_backend(device: torch.device | str) -> BackendChoice:
+    """What :func:`attention` runs on ``device`` and why (probes xformers there without warning)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # what the training recipes run
+    kernel = sdpa_kernel(device, dtype)
+    if device.type != "cuda":
+        why = f"{device.type} tensors always use PyTorch SDPA (xformers' kernels are CUDA-only)"
+        return BackendChoice(str(device), "sdpa", why, kernel)
+    status = xformers_status()
+    if not status.imports:
+        return BackendChoice(str(device), "sdpa", f"xformers {status.summary()}; install {CLUSTER_PINS}", kernel)
+    reason = _probe(device)
+    if reason is None:
+        return BackendChoice(str(device), "xformers", "a probe call of memory_efficient_attention ran", kernel)
+    return BackendChoice(str(device), "sdpa", f"xformers does not run here: {reason}; see {CLUSTER_PINS}",
+                         kernel)
 
 
 def packed_mask(seqlens: Sequence[int], causal: bool, device: torch.device) -> torch.Tensor:
