@@ -14,7 +14,8 @@ length each image needed (:func:`ar_loss` with ``chosen``). Padding follows the 
 causal attention never reaches it, so padded batches need no key mask.
 
 Decoding: :meth:`AR.next_logits` gives the logits of the next slot, either recomputing the whole prefix
-or, with a :class:`~generator.transformer.KVCache`, running only the positions not yet cached.
+or, with a :class:`~generator.transformer.KVCache` (static buffers, written in place), running only the
+positions not yet cached; one new slot in eval mode takes :meth:`~generator.transformer.Transformer.step`.
 Sampling lives in :mod:`sampling.ar_sampler`. Sizes: ``AR_SIZES`` at the end.
 """
 
@@ -73,16 +74,21 @@ class AR(Prior):
         """Logits ``(B, K)`` of slot ``t`` given ``ids (B, t)`` (the slots decoded so far, ``t >= 0``).
 
         Without ``cache`` the whole prefix is recomputed; with one, only the positions it lacks are run
-        (the cache must have seen the same earlier ids, in the same batch order).
+        (the cache must have seen the same earlier ids, in the same batch order). Once the prefix is
+        cached, one new slot per call (sampling) runs through :meth:`Transformer.step` in eval mode.
         """
         if cache is None:
             h = self.transformer(self.embed(ids, classes, budgets), causal=True)  # (B, 2 + t, W)
-        else:  # embed only the positions the cache lacks (the prefix once, then one slot per step)
-            done = cache.length
-            parts = [self.embed_prefix(classes, budgets.to(ids.device))[:, done:]] if done < self.PREFIX else []
-            start = max(done - self.PREFIX, 0)
-            parts.append(self.embed_slots(ids[:, start:], start))
-            h = self.transformer(self.drop(torch.cat(parts, 1)), causal=True, cache=cache)  # (B, new, W)
+            return self.head(h[:, -1])  # (B, K)
+        done, t = cache.length, ids.shape[1]
+        if done == self.PREFIX + t - 1 and t > 0 and not self.training:  # one new slot: the fast path
+            x = self.tok_emb(ids[:, -1]) + self.pos_emb[t - 1]  # (B, W); decoded ids are code ids (no PAD)
+            return self.head(self.transformer.step(x, cache))  # (B, K)
+        # otherwise embed only the positions the cache lacks (the prefix, or several slots at once)
+        parts = [self.embed_prefix(classes, budgets.to(ids.device))[:, done:]] if done < self.PREFIX else []
+        start = max(done - self.PREFIX, 0)
+        parts.append(self.embed_slots(ids[:, start:], start))
+        h = self.transformer(self.drop(torch.cat(parts, 1)), causal=True, cache=cache)  # (B, new, W)
         return self.head(h[:, -1])  # (B, K)
 
 

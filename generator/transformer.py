@@ -76,9 +76,12 @@ class PriorConfig:
 class KVCache:
     """Keys and values of the positions decoded so far, per layer: ``(B, H, max_len, D)`` each.
 
-    Buffers are allocated on the first :meth:`update` (device and dtype from the keys). A forward over
-    ``n`` new positions writes them at ``[length, length + n)`` in every layer, then :meth:`advance` moves
-    ``length`` on. The batch order is fixed for the cache's life.
+    Static: each layer's buffers are allocated once, at the first :meth:`update` (device and dtype from
+    the keys, so autocast's dtype is kept), and never grow. A forward over ``n`` new positions writes them
+    in place at ``[length, length + n)`` in every layer and attends over the filled prefix
+    ``[0, length + n)`` (a view: nothing is copied, no mask covers the empty tail); then :meth:`advance`
+    moves ``length`` on. :meth:`Transformer.step` is the one-position fast path. The batch order is fixed
+    for the cache's life.
     """
 
     max_len: int  # positions the cache can hold (prefix + slots)
@@ -104,6 +107,13 @@ class KVCache:
         """Mark ``n`` more positions as cached (after every layer has been updated)."""
         self.length += n
 
+    def buffers(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's whole ``(B, H, max_len, D)`` key and value buffers (after its first :meth:`update`)."""
+        if layer not in self.keys:
+            raise ValueError(f"KV cache: layer {layer} holds nothing yet; run the prefix through the "
+                             "transformer with this cache first")
+        return self.keys[layer], self.values[layer]
+
 
 # ============================================================================ blocks
 class SelfAttention(nn.Module):
@@ -121,8 +131,20 @@ class SelfAttention(nn.Module):
         q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)  # 3 x (B,H,N,D)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, H, cached + N, D)
+        # one query at the last position sees every key: no causal mask to build
+        causal = causal and q.shape[2] > 1
         out = attention(q, k, v, key_mask=key_mask, seqlens=seqlens, causal=causal)  # (B, H, N, D)
         return self.drop(self.proj(rearrange(out, "b h n d -> b n (h d)")))  # (B, N, W)
+
+    def step(self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, pos: int) -> torch.Tensor:
+        """One new position per row, eval mode: ``x (B, W)`` -> ``(B, W)``; its key and value are written in
+        place at ``pos`` of ``keys, values (B, H, max_len, D)``, attention runs over ``[0, pos]``."""
+        b = x.shape[0]
+        q, k, v = F.linear(x, self.qkv.weight, self.qkv.bias).view(b, 3, self.heads, 1, -1).unbind(1)  # (B,H,1,D)
+        keys[:, :, pos: pos + 1] = k
+        values[:, :, pos: pos + 1] = v
+        out = attention(q, keys[:, :, : pos + 1], values[:, :, : pos + 1])  # (B, H, 1, D)
+        return F.linear(out.reshape(b, -1), self.proj.weight, self.proj.bias)  # (B, W)
 
 
 class Block(nn.Module):
@@ -140,6 +162,14 @@ class Block(nn.Module):
                 cache: KVCache | None, layer: int) -> torch.Tensor:
         x = x + self.attn(self.norm1(x), key_mask, seqlens, causal, cache, layer)
         return x + self.mlp(self.norm2(x))
+
+    def step(self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, pos: int) -> torch.Tensor:
+        """:meth:`forward` for one new position, eval mode (no dropout): ``x (B, W)`` -> ``(B, W)``; the same
+        weights through functional calls (per-module call overhead dominates one position of a small model)."""
+        n1, n2, fc1, fc2 = self.norm1, self.norm2, self.mlp[0], self.mlp[2]
+        x = x + self.attn.step(F.layer_norm(x, n1.normalized_shape, n1.weight, n1.bias, n1.eps), keys, values, pos)
+        h = F.layer_norm(x, n2.normalized_shape, n2.weight, n2.bias, n2.eps)
+        return x + F.linear(F.gelu(F.linear(h, fc1.weight, fc1.bias)), fc2.weight, fc2.bias)  # (B, W)
 
 
 class Transformer(nn.Module):
@@ -161,6 +191,22 @@ class Transformer(nn.Module):
         if cache is not None:
             cache.advance(x.shape[1])
         return self.norm(x)
+
+    def step(self, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Causal decoding of one new position per row: ``x (B, W)`` (embedded) -> ``(B, W)``, equal to
+        ``forward(x[:, None], causal=True, cache=cache)[:, 0]`` in eval mode. Writes the position in place
+        into the cache's static buffers (which an earlier ``forward`` with this cache allocated: the prefix)
+        and advances it."""
+        if self.training:
+            raise ValueError("Transformer.step is eval-mode decoding (no dropout): call model.eval() or use "
+                             "forward(..., cache=cache)")
+        pos = cache.length
+        if pos >= cache.max_len:
+            raise ValueError(f"KV cache overflow: {pos} + 1 positions > max_len={cache.max_len}")
+        for i, block in enumerate(self.blocks):
+            x = block.step(x, *cache.buffers(i), pos)
+        cache.advance(1)
+        return F.layer_norm(x, self.norm.normalized_shape, self.norm.weight, self.norm.bias, self.norm.eps)
 
 
 # ============================================================================ packing

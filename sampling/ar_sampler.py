@@ -2,9 +2,12 @@
 :meth:`ARSampler.sample` is the loop around a model.
 
 Per slot: logits (guided with CFG when the scale is not 0) / temperature -> top-k -> top-p -> a
-Gumbel-max draw (argmax at temperature 0). With ``use_cache=True`` each step runs only the new
-position through the transformer (KV cache); ``use_cache=False`` recomputes the whole prefix. Both
-paths consume the generator identically, so they give the same tokens. Mixed budgets decode together
+categorical draw (:func:`~sampling.schedules.sample_tokens`; argmax at temperature 0). With
+``use_cache=True`` each step runs only the new position through the transformer: a static KV cache
+(buffers allocated once per call, the new position written in place, attention over the filled prefix;
+:meth:`~generator.transformer.Transformer.step`), the guided conditional and unconditional rows in one
+batch. ``use_cache=False`` recomputes the whole prefix. Both paths consume the generator identically,
+so they give the same tokens. Mixed budgets decode together
 up to the largest budget; each row is cut at its own budget (later slots never influence earlier ones).
 
 **Generated budgets.** ``sample(model, None, classes)`` lets a prior with a length model choose: the class
@@ -66,7 +69,8 @@ class ARSampler(Sampler):
         """Next ids ``(B,)`` from (guided) next-slot logits ``(B, K)``."""
         if self.temperature == 0:
             return logits.argmax(-1)
-        filtered = filter_logits(logits.float() / self.temperature, self.top_k, self.top_p)  # (B, K)
+        scaled = logits.float() if self.temperature == 1 else logits.float() / self.temperature
+        filtered = filter_logits(scaled, self.top_k, self.top_p)  # (B, K)
         return sample_tokens(filtered, 1.0, generator)
 
     def decode_chosen(self, model: AR, lengths: torch.Tensor, cond: torch.Tensor,  # type: ignore[override]
@@ -90,13 +94,15 @@ class ARSampler(Sampler):
             lengths = draw_budgets(logits, space, self.budget_temperature, self.max_budget, generator).to(cond.device)
             n = int(lengths.max())  # the guidance schedule runs over the emitted budgets, as for given ones
             scales = [self.cfg_scale(step_fraction(t, n)) for t in range(n)]
-        device = lengths.device
+        b = len(lengths)
         bud_in = lengths.repeat(2) if guided else lengths
-        ids = torch.zeros(len(lengths), 0, dtype=torch.long, device=device)  # (B, t)
+        # the ids of every row fed to the model (guided: the B conditional rows, then the same ids again for
+        # the unconditional ones), written in place: no per-step copy of the sequence so far
+        fed = torch.zeros(len(cls_in), n, dtype=torch.long, device=lengths.device)  # (B or 2B, n)
         for t in range(n):
-            logits = model.next_logits(ids.repeat(2, 1) if guided else ids, cls_in, bud_in, cache)  # (B or 2B, K)
+            logits = model.next_logits(fed[:, :t], cls_in, bud_in, cache)  # (B or 2B, K): CFG pairs in one batch
             if guided:
-                logits = cfg_combine(*logits.chunk(2), scales[t])
-            ids = torch.cat([ids, self.step(logits, generator)[:, None]], 1)  # (B, t + 1)
-        ids = ids.masked_fill(~lengths_to_mask(lengths, n), PAD_ID)
+                logits = cfg_combine(logits[:b], logits[b:], scales[t])
+            fed[:, t] = self.step(logits, generator).repeat(2) if guided else self.step(logits, generator)
+        ids = fed[:b].masked_fill(~lengths_to_mask(lengths, n), PAD_ID)
         return TokenBatch(ids, lengths, cond)
