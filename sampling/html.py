@@ -70,7 +70,7 @@ def render_html(report_dir: str | Path, title: str = "alit-stack report", extra:
         label = p.stem.removeprefix("samples_")
         figures.append(f"<figure>{_img(p, label)}<figcaption>samples, {html.escape(label)}</figcaption></figure>")
     p = report["protocol"]
-    caption = f"protocol {p['eval']['name']}: {p['summary']}"
+    caption = f"protocol {p['summary']}"  # the summary starts with the protocol's name
     metric_head = "".join(f"<th>{html.escape(c)}</th>" for c in METRIC_COLUMNS)
     metric_rows_html = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>"
                                for row in metric_rows(report))

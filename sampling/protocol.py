@@ -305,21 +305,23 @@ def file_reference(protocol: EvalProtocol, extractor: FeatureExtractor) -> Refer
         raise FidIOError(f"protocol {protocol.name}: reference {path} not found: put the file there (a relative "
                          "reference.path is under $ALIT_HOME) or copy the protocol YAML and set reference.path")
     item = open_fid_input(path)
+    with np.load(path, allow_pickle=False) as data:  # the ADM reference batch's sFID moments
+        spatial = (np.asarray(data["mu_s"], np.float64), np.asarray(data["sigma_s"], np.float64)) \
+            if {"mu_s", "sigma_s"} <= set(data.files) else None
+    need_spatial = protocol.wants_spatial and spatial is None
+    if item.has_images and item.features is None and (protocol.wants_features or need_spatial):
+        # one cached pass over the batch's images: per-image features (also the moments when the file has
+        # none) and, when the file lacks mu_s/sigma_s, the spatial moments
+        extras = image_extras(extractor, item.batches(extractor.batch_size), item.count, _file_key(path),
+                              need_spatial, f"reference {path.name}")
+        item.features = extras["features"].astype(np.float64)
+        if need_spatial:
+            spatial = (extras["spatial_mu"], extras["spatial_sigma"])
     moments = input_stats(item, extractor)  # refuses statistics of another protocol
     out = ReferenceSet(ref.describe(""), moments.mu, moments.sigma, moments.n if moments.n else item.count or None,
-                       protocol_id=moments.protocol, notes=list(item.notes))
-    with np.load(path, allow_pickle=False) as data:  # the ADM reference batch's sFID moments
-        if {"mu_s", "sigma_s"} <= set(data.files):
-            out.spatial_mu, out.spatial_sigma = np.asarray(data["mu_s"], np.float64), np.asarray(data["sigma_s"],
-                                                                                                   np.float64)
-    if item.features is not None:
-        out.features = item.features
-    elif item.has_images and (protocol.wants_features or (protocol.wants_spatial and out.spatial_mu is None)):
-        extras = image_extras(extractor, item.batches(extractor.batch_size), item.count, _file_key(path),
-                              protocol.wants_spatial and out.spatial_mu is None, f"reference {path.name}")
-        out.features = extras["features"]
-        if "spatial_mu" in extras:
-            out.spatial_mu, out.spatial_sigma = extras["spatial_mu"], extras["spatial_sigma"]
+                       features=item.features, protocol_id=moments.protocol, notes=list(item.notes))
+    if spatial is not None:
+        out.spatial_mu, out.spatial_sigma = spatial
     if moments.protocol is None:
         out.notes.append(f"{path.name}: its mu/sigma were not made by this code's Inception pass (for an ADM "
                          "reference batch: TensorFlow's graph, closest to features torch_fidelity)")

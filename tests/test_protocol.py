@@ -91,8 +91,8 @@ def test_spatial_features_are_mixed_6d_branch1x1_nhwc() -> None:
 
 def test_compute_metrics_is_the_fid_module_on_its_inputs() -> None:
     rng = np.random.default_rng(0)
-    a, b = rng.normal(size=(40, 2048)), rng.normal(0.3, 1.0, size=(30, 2048))
-    sa, sb = rng.normal(size=(40, SPATIAL_DIM)), rng.normal(size=(30, SPATIAL_DIM))
+    a, b = rng.normal(size=(40, 64)), rng.normal(0.3, 1.0, size=(30, 64))  # any dimension: small is fast
+    sa, sb = rng.normal(size=(40, 48)), rng.normal(size=(30, 48))
     stats, ref_stats = fid.FeatureStats.from_features(a), fid.FeatureStats.from_features(b)
     spatial_ref = fid.FeatureStats.from_features(sb)
     ref = ReferenceSet("b", ref_stats.mean, ref_stats.cov, 30, features=b, spatial_mu=spatial_ref.mean,
@@ -122,16 +122,18 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"tok": tok, "prior": _prior(root / "prior", tok)}
 
 
-def evaluate(models: dict[str, Path], out: Path, protocol: str = "demo_emoji", seeds: int = 2) -> dict:
-    """A small real evaluation (8 images, budget 4, two seeds) under ``protocol``; returns report.json."""
-    settings = EvalSettings(budgets=(4,), num_images=8, adaptive_threshold=None, chunk_size=8, preview=4,
-                            protocol=protocol, seeds=seeds)
+def evaluate(models: dict[str, Path], out: Path, protocol: str = "demo_emoji", seeds: int = 2,
+             num_images: int = 8) -> dict:
+    """A small real evaluation (``num_images``, budget 4, ``seeds``) under ``protocol``; returns report.json."""
+    settings = EvalSettings(budgets=(4,), num_images=num_images, adaptive_threshold=None, chunk_size=8,
+                            preview=4, protocol=protocol, seeds=seeds)
     ev = Evaluation.load(models["tok"], models["prior"], DataConfig(), settings, progress=False)
     report = ev.run(out)
     assert report is not None
     return report
 
 
+@pytest.mark.slow  # ~25 s on an idle 2-core machine: two evaluations, eight Frechet distances
 def test_report_has_the_metric_set_per_budget_with_seeds(models: dict[str, Path], tmp_path: Path) -> None:
     report = evaluate(models, tmp_path / "report")
     validate_report(report)

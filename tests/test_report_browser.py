@@ -50,7 +50,7 @@ def chromium() -> str:
 
 def test_report_html_in_headless_chromium(models: dict[str, Path], tmp_path: Path, chromium: str) -> None:  # noqa: F811
     out = tmp_path / "report"
-    report = evaluate(models, out)  # pieces cached by test_protocol when it ran first
+    report = evaluate(models, out, seeds=1, num_images=4)  # small: the page, not the numbers, is under test
     page = render_html(out, title="browser check")
     result = check_in_browser(page, chromium=chromium)
     assert result["images"], "the page shows no figure"
@@ -65,4 +65,5 @@ def test_report_html_in_headless_chromium(models: dict[str, Path], tmp_path: Pat
     shot = Path(result["screenshot"])
     assert shot == out / "report.png"
     with Image.open(shot) as im:
-        assert im.size == (1200, 4000) and len(set(im.convert("L").resize((60, 200)).getdata())) > 10  # not blank
+        low, high = im.convert("L").getextrema()
+        assert im.size == (1200, 4000) and high - low > 100  # not a blank page
