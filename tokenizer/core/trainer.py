@@ -59,12 +59,15 @@ from .checkpoint import (
     verify_checkpoint,
 )
 from .config import ConfigError, git_commit, save_config, to_dict
-from .distributed import DistInfo, all_reduce_flag, barrier, init_distributed
+from .distributed import DistInfo, all_reduce_flag, barrier, broadcast_object, init_distributed
+
+_ANNOUNCED: dict[str, bool] = {}  # one-time notes already printed by this process
 
 
 # ============================================================================ configuration
 class Precision(Enum):
-    """Autocast precision: ``auto`` = bf16 on CUDA, fp32 on CPU."""
+    """Autocast precision: ``auto`` = bf16 on CUDA; on a CPU bf16 where it runs natively and faster than fp32
+    (:func:`tokenizer.core.hardware.cpu_bf16_pays`), else fp32."""
 
     auto = "auto"
     fp32 = "fp32"
@@ -106,6 +109,8 @@ class TrainConfig:
     prefetch_factor: int = 2  # batches each worker loads ahead (num_workers > 0)
     pin_memory: bool = True  # page-locked host batches for faster copies (CUDA only)
     compile: bool = False  # torch.compile the repeated blocks of the task's modules (regional compilation)
+    channels_last: bool = False  # NHWC memory format for the conv weights of the task's modules (and its
+    #                              `extra` loss networks) and for 4D image batches: oneDNN's and cuDNN's fast path
     fp16_init_scale: float = 65536.0  # precision fp16: initial loss scale (torch's default 2**16)
     allow_config_change: list[str] = field(default_factory=list)  # keys a resume may change (--allow-config-change)
     log_every: int = 10  # steps between logged (rank-reduced) metrics
@@ -513,6 +518,9 @@ class Trainer:
             raise ValueError("Task.modules() must contain a 'model' entry (the module that is EMA'd and exported)")
         for m in mods.values():
             m.to(self.device)
+        if cfg.channels_last:  # only 4D parameters change layout; values and checkpoints stay the same
+            for m in [*mods.values(), *getattr(task, "extra", [])]:
+                m.to(memory_format=torch.channels_last)
         self.modules = mods
         if cfg.compile:  # after .to(device); the checkpointed state dicts keep their eager key names
             from .compile import compile_regions
@@ -552,7 +560,19 @@ class Trainer:
     def _autocast_dtype(self) -> torch.dtype:
         p = self.cfg.precision
         if p == Precision.auto:
-            return torch.bfloat16 if self.device.type == "cuda" else torch.float32
+            if self.device.type == "cuda":
+                return torch.bfloat16
+            if self.device.type != "cpu":
+                return torch.float32
+            from .hardware import cpu_bf16_pays
+
+            # bf16 only where this CPU runs it natively and faster (measured once, cached); rank 0 decides
+            bf16 = bool(broadcast_object(cpu_bf16_pays() if self.dist.is_main else None))
+            if self.dist.is_main and not _ANNOUNCED.get("cpu_precision"):
+                _ANNOUNCED["cpu_precision"] = True
+                print(f"[train] precision auto on this CPU: {'bf16' if bf16 else 'fp32'} autocast "
+                      "(see tokenizer.core.hardware; ALIT_CPU_BF16=on|off overrides)", file=sys.stderr)
+            return torch.bfloat16 if bf16 else torch.float32
         return {Precision.fp32: torch.float32, Precision.bf16: torch.bfloat16, Precision.fp16: torch.float16}[p]
 
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -806,7 +826,10 @@ class Trainer:
 
     def _to_device(self, batch: Any) -> Any:
         if torch.is_tensor(batch):
-            return batch.to(self.device, non_blocking=True)
+            batch = batch.to(self.device, non_blocking=True)
+            if self.cfg.channels_last and batch.dim() == 4 and batch.is_floating_point():
+                batch = batch.contiguous(memory_format=torch.channels_last)
+            return batch
         if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a NamedTuple
             return type(batch)(*(self._to_device(b) for b in batch))
         if isinstance(batch, (list, tuple)):
