@@ -16,6 +16,8 @@ What is measured (README, "Benchmarks", says what each number means and lists th
   images/s with 0 and 2 workers, on a synthetic folder of 50,000 JPEGs under ``$ALIT_HOME/bench/data/``.
 - ``cache.*``: peak RSS of loading a 200,000-image token cache memory-mapped vs as int64 (fresh processes).
 - ``cuda.xformers_vs_sdpa.*``: on CUDA only (``n/a`` with the reason elsewhere).
+- ``mfu.*``: the distill, finetune, MaskGIT and AR training steps' FLOP/s as a fraction of the bf16 matmul
+  peak, and tokenization images/s (``mfu_bench``: public sizes on CUDA, the demo sizes on CPU).
 
 The JSON report goes to ``$ALIT_HOME/bench/results/bench-<date>.json`` (never the source tree).
 """
@@ -49,7 +51,7 @@ from .timing import Settings
 __all__ = ["GROUPS", "REQUIRED_KEYS", "SCHEMA", "Report", "Settings", "default_output", "required_keys", "run"]
 
 GROUPS = ("encode", "finetune", "tokenizer_step", "bf16_tokenizer", "ar", "maskgit", "packing", "prior_step",
-          "bf16_prior", "fid", "data", "cache", "cuda")  # --only choices (the matmul peak always runs)
+          "bf16_prior", "fid", "data", "cache", "cuda", "mfu")  # --only choices (the matmul peak always runs)
 SHAPES = tuple(TOKENIZER_SHAPES)
 
 
@@ -82,6 +84,7 @@ def required_keys() -> tuple[str, ...]:
              "data.loader.images_per_s.w2", "cuda.xformers_vs_sdpa.dense", "cuda.xformers_vs_sdpa.padded",
              "cuda.xformers_vs_sdpa.packed"]
     keys += list(cache_bench.KEYS)
+    keys += [f"mfu.{k}.bf16" for k in ("distill", "finetune", "maskgit", "ar")] + ["mfu.tokenize.images_per_s"]
     return tuple(keys)
 
 
@@ -98,6 +101,7 @@ def _jobs(settings: Settings, flops: list[dict[str, Any]],
           refs: dict[str, Any]) -> list[tuple[str, str, Callable[[Report], None]]]:
     """(group, label, function) in running order."""
     from . import data_bench, fid_bench, hardware, prior_bench, tokenizer_bench
+    from .mfu_bench import bench_mfu
 
     s = settings
     jobs: list[tuple[str, str, Callable[[Report], None]]] = []
@@ -122,6 +126,7 @@ def _jobs(settings: Settings, flops: list[dict[str, Any]],
         ("data", "data path", lambda r: data_bench.bench_data(s, r)),
         ("cache", "token cache load", lambda r: cache_bench.bench_cache(s, r)),
         ("cuda", "CUDA attention", lambda r: hardware.bench_cuda_attention(s, r)),
+        ("mfu", "MFU of the training steps", lambda r: bench_mfu(s, r)),
     ]
     return jobs
 

@@ -13,6 +13,13 @@ Checks, each recorded with its figures (a failing check is recorded and the othe
 - ``bf16_vs_fp32_ids``: fraction of equal latent ids, bf16 autocast vs fp32, on the same weights.
 - ``trainer``: the one training loop on CUDA through ``alit train``: base VQ, ALIT distill (bf16 autocast),
   a stop at step 20, and a resume that continues to step 30 from the checkpoint.
+- ``cost_model``: at the public sizes in bf16 (``bench/mfu_bench.py``): the distillation step, a finetuning
+  cycle (t = 0..7, LPIPS + GAN), the MaskGIT and AR prior steps at the public prior layout (images or
+  sequences/s, and model FLOP utilisation against the bf16 matmul peak measured on the same GPU),
+  tokenization images/s per budget, and the GPU-hours of the public recipes (tokenizer stage 1 and 2 on
+  ImageNet-100 and ImageNet-1K, tokenization, a MaskGIT prior) derived from them, each row with its
+  assumptions. The table is printed and written to ``cost_model.md``; on CPU the same code runs at the demo
+  sizes (the CPU's figures, not a GPU estimate).
 """
 
 from __future__ import annotations
@@ -188,6 +195,24 @@ def check_trainer(device: torch.device, work: Path) -> dict[str, Any]:
     return res
 
 
+def check_cost_model(device: torch.device, small: bool, out: Path) -> dict[str, Any]:
+    from bench.mfu_bench import measure_steps, recipe_hours, render_hours
+    from bench.timing import Settings
+
+    settings = Settings(device=str(device), warmup=0, repeats=5, min_repeats=3, max_seconds=20.0)
+    if small:  # CPU: smoke-test batches, one repeat (the code path, not a figure to quote)
+        settings = Settings.quick_settings(device=str(device))
+    result = measure_steps(device, "tiny" if small else "public", settings)
+    rows = recipe_hours(result)
+    table = render_hours(result, rows)
+    (out / "cost_model.md").write_text(table + "\n")
+    print(table, flush=True)
+    steps = {k: c.to_json() for k, c in result["steps"].items()}
+    ok = not result["errors"] and all(0 < c["mfu"] < 1.5 for c in steps.values())  # > 1 = a miscounted peak
+    return {"steps": steps, "tokenize": result["tokenize"], "peak_bf16_gflops": result["peak_bf16_gflops"],
+            "errors": result["errors"], "recipes": rows, "scale": result["scale"], "ok": ok}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="folder for gpu_check.json and the training runs")
@@ -211,6 +236,7 @@ def main() -> int:
         "alit_public_step": lambda: check_alit_public_step(device, small),
         "bf16_vs_fp32_ids": lambda: check_bf16_ids(device, small),
         "trainer": lambda: check_trainer(device, out),
+        "cost_model": lambda: check_cost_model(device, small, out),
     }
     skip = {s for s in args.skip.split(",") if s}
     for name, fn in checks.items():
