@@ -4,6 +4,9 @@ What is measured (README, "Benchmarks", says what each number means and lists th
 
 - ``encode.early_exit.*``: ``ALITTokenizer.encode`` at each budget (runs budget/T iterations) vs the public
   code's way (all iterations, then the budget's latents); ids checked equal.
+- ``encode.adaptive_worst.*``: ``encode_adaptive`` when no image settles vs the public way (all iterations and a
+  standard-layout pixel decode each), and over one full encode plus the decodes it needs; choice checked equal.
+- ``decode.channels_last.*``: one pixel decode of the base decoder, standard layout / channels-last.
 - ``finetune.t_plus_1.*``: a finetune step supervising iteration t with t+1 iterations vs all of them.
 - ``ar.kv_cache.*``: AR sampling with vs without the KV cache; tokens checked equal.
 - ``maskgit.images_per_s.*``: MaskGIT sampling (+ ALIT decode) images/s, a table per budget and step count.
@@ -66,6 +69,8 @@ def required_keys() -> tuple[str, ...]:
     keys = ["peak.fp32_gflops", "peak.bf16_gflops"]
     for shape in SHAPES:
         keys += [f"encode.early_exit.{shape}.b{b:04d}" for b in _budgets(shape)]
+        keys += [f"encode.adaptive_worst.{shape}{s}" for s in ("", ".same_layout", ".over_parts")]
+        keys += [f"decode.channels_last.{shape}"]
         keys += [f"encode.early_exit.{shape}.mean", f"finetune.t_plus_1.{shape}.mean",
                  f"flops.tokenizer_step.{shape}.fp32", f"flops.tokenizer_step.{shape}.bf16",
                  f"bf16.speedup.tokenizer_step.{shape}", f"bf16.speedup.encode.{shape}",
@@ -109,6 +114,8 @@ def _jobs(settings: Settings, flops: list[dict[str, Any]],
         jobs += [
             ("encode", f"encode {shape}", lambda r, sh=shape: tokenizer_bench.bench_encode(s, r, sh)),
             ("encode", f"tokenize one pass {shape}", lambda r, sh=shape: tokenizer_bench.bench_one_pass(s, r, sh)),
+            ("encode", f"encode_adaptive worst case {shape}",
+             lambda r, sh=shape: tokenizer_bench.bench_adaptive_worst(s, r, sh)),
             ("finetune", f"finetune {shape}", lambda r, sh=shape: tokenizer_bench.bench_finetune(s, r, sh)),
             ("tokenizer_step", f"tokenizer step {shape}",
              lambda r, sh=shape: tokenizer_bench.bench_tokenizer_step(s, r, sh, flops, refs)),

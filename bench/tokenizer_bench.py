@@ -9,10 +9,15 @@ the same layers and only the schedule differs:
   are identical (a check in the report).
 - :func:`forward_all_iterations`: a finetune step supervising iteration ``t`` that runs all iterations;
   ``ALITTokenizer.forward(images, supervise=[t])`` runs ``t + 1``. The outputs at ``t`` are identical.
+- :func:`adaptive_all_iterations`: the public adaptive encode: every iteration runs and every image is
+  decoded to pixels at every budget, then each image takes the first budget whose L1 is below the
+  threshold, else its lowest-error one. ``ALITTokenizer.encode_adaptive`` stops decoding an image once
+  it has settled and stops iterating once all have; the choice is identical (a check in the report).
 """
 
 from __future__ import annotations
 
+import copy
 import tempfile
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -21,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from tokenizer.alit import ALIT, ALITOutput, ALITTokenizer
+from tokenizer.alit import ALIT, PAD_ID, ALITOutput, ALITTokenizer
 from tokenizer.core.data import DataConfig
 from tokenizer.losses import ReconstructionLoss, ReconstructionLossConfig
 from tokenizer.train import DistillTask, Stage, TokenizerRunConfig, l1_01
@@ -59,6 +64,48 @@ def encode_all_iterations(tok: ALITTokenizer, images: Tensor, budget: int) -> Te
             halt = alit.halting_mask(alit.decode_logits(codes), targets)
     assert ids is not None
     return ids
+
+
+@torch.no_grad()
+def adaptive_all_iterations(tok: ALITTokenizer, images: Tensor, threshold: float,
+                            max_budget: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """The public adaptive encode, per image: all iterations, a pixel decode of every image at every budget.
+
+    Returns ``(ids (B, max_budget) padded with PAD_ID, lengths (B,), errors (B, budgets))``: each image's
+    first budget up to ``max_budget`` whose unclamped L1 in [0, 1] units is below ``threshold``, else its
+    lowest-error one (the first of equal ones), and every budget's error (the straightforward reference).
+    """
+    alit = tok.alit
+    n = alit.config.num_iters
+    m = alit.iterations_for(max_budget) if max_budget is not None else n
+    features, targets = tok.features_and_targets(images)
+    state, halt = alit.embed(images, features), None
+    all_ids, errs = [], []
+    for t in range(n):
+        state = alit.step(state, halt)
+        codes, ids, _ = alit.bottleneck(state)  # (B, k, D), (B, k)
+        logits = alit.decode_logits(codes)
+        recon = tok.logits_to_images(logits)  # (B, 3, H, W) unclamped
+        errs.append((recon.float() - images.float()).abs().flatten(1).mean(1) / 2)  # (B,) [0, 1] units
+        all_ids.append(ids)
+        if alit.config.halting and t < n - 1:
+            halt = alit.halting_mask(logits, targets)
+    err = torch.stack(errs, 1)  # (B, n)
+    below = err[:, :m] < threshold
+    pick = torch.where(below.any(1), below.float().argmax(1), err[:, :m].argmin(1))  # (B,) iteration index
+    out = torch.full((images.shape[0], m * tok.tokens_per_iter), PAD_ID, dtype=torch.long, device=images.device)
+    for t, ids in enumerate(all_ids[:m]):
+        rows = pick == t
+        out[rows, :ids.shape[1]] = ids[rows]
+    return out, (pick + 1) * tok.tokens_per_iter, err
+
+
+def standard_layout(tok: ALITTokenizer) -> ALITTokenizer:
+    """A copy of ``tok`` whose base decoder holds standard-layout (NCHW-contiguous) weights, as the public
+    code runs it: its convolutions then compute in the standard layout (the project's run channels-last)."""
+    std = copy.deepcopy(tok)
+    std.base.to(memory_format=torch.contiguous_format)
+    return std
 
 
 def run_all_iterations(alit: ALIT, images: Tensor, features: Tensor, targets: Tensor, t: int) -> ALITOutput:
@@ -295,3 +342,84 @@ def bench_bf16_tokenizer(settings: Settings, report: Report, shape: str) -> None
     report.add(f"bf16.quality.roundtrip_l1_delta.{shape}", e2e16 - err32, "abs", GROUP_BF16,
                "reconstruction L1 to the input: bf16 encode+decode minus fp32 encode+decode",
                fp32_l1=err32, bf16_l1=e2e16)
+
+
+def bench_adaptive_worst(settings: Settings, report: Report, shape: str, tok: ALITTokenizer | None = None,
+                         batch: int = 1) -> None:
+    """``encode_adaptive`` when no image settles (threshold 0: an L1 is never below 0) against the public way.
+
+    The worst case needs, per image, every budget's pixel reconstruction: an image that never settles takes
+    its lowest-error budget, known only once every budget is decoded. So what it really needs is one full
+    encode (``encode(images, max_budget)``: all iterations and the decoder passes halting needs) plus the
+    last iteration's decoder pass and one pixel decode per budget; ``over_parts`` is its time over the sum
+    of those parts, timed alone in the same rounds (<= 1: nothing else is spent). The public way
+    (:func:`adaptive_all_iterations`, decoder in the standard layout) does the same work with slower
+    convolutions; ``same_layout`` times it with this project's channels-last decoder (the schedule alone).
+    ``tok`` replaces the registered ``shape`` (e.g. the public sizes, run by hand).
+    """
+    dev = settings.torch_device
+    tok = tok if tok is not None else build_tokenizer(shape, dev, settings.seed)
+    std = standard_layout(tok)
+    images = emoji_images(batch, dev, tok.image_size, settings.seed)
+    n, top = tok.config.num_iters, tok.max_budget
+    with torch.no_grad():
+        features, _ = tok.features_and_targets(images)
+        state = tok.alit.embed(images, features)
+        for _ in range(n):
+            state = tok.alit.step(state)
+        codes = tok.alit.bottleneck(state)[0]  # (B, top, D): a code of the largest budget
+        logits = tok.alit.decode_logits(codes)
+
+    def pixels(model: ALITTokenizer) -> Tensor:
+        with torch.no_grad():
+            return model.logits_to_images(logits)
+
+    def decoder_pass() -> Tensor:
+        with torch.no_grad():
+            return tok.alit.decode_logits(codes)
+
+    tim = compare({"encode_adaptive": lambda: tok.encode_adaptive(images, 0.0),
+                   "public_way": lambda: adaptive_all_iterations(std, images, 0.0),
+                   "all_iterations": lambda: adaptive_all_iterations(tok, images, 0.0),
+                   "encode_max": lambda: tok.encode(images, top), "decoder_pass": decoder_pass,
+                   "pixel_decode": lambda: pixels(tok), "pixel_decode_std": lambda: pixels(std)}, settings)
+    ids, lengths = tim["encode_adaptive"].result
+    ref_ids, ref_lengths, _ = tim["all_iterations"].result
+    pub_ids, pub_lengths, _ = tim["public_way"].result
+    same = torch.equal(ids, ref_ids) and torch.equal(lengths, ref_lengths)
+    same_pub = torch.equal(ids, pub_ids) and torch.equal(lengths, pub_lengths)
+    pix_diff = float((tim["pixel_decode"].result - tim["pixel_decode_std"].result).abs().max())
+    pix_scale = float(tim["pixel_decode_std"].result.abs().max())
+    med = {k: v.median for k, v in tim.items()}
+    parts = med["encode_max"] + med["decoder_pass"] + n * med["pixel_decode"]
+    fastest = {k: min(v.samples) for k, v in tim.items()}  # the least disturbed rounds (a shared machine)
+    parts_min = fastest["encode_max"] + fastest["decoder_pass"] + n * fastest["pixel_decode"]
+    name = f"encode.adaptive_worst.{shape}"
+    what = f"encode_adaptive, nothing settles ({shape}, batch {batch}, {n} budgets)"
+    report.add(name, ratio(tim["public_way"], tim["encode_adaptive"]), "x", GROUP_ENCODE,
+               f"{what}: public way (all iterations + a standard-layout pixel decode each) / encode_adaptive",
+               note="the worst case needs every decode; the gain is the channels-last decoder", batch=batch,
+               **{k: v.to_json() for k, v in tim.items()})
+    report.add(f"{name}.same_layout", ratio(tim["all_iterations"], tim["encode_adaptive"]), "x", GROUP_ENCODE,
+               f"{what}: all iterations + a pixel decode each, same channels-last decoder / encode_adaptive",
+               note="the same work in the worst case: ~1x by design", batch=batch)
+    report.add(f"{name}.over_parts", med["encode_adaptive"] / parts, "frac", GROUP_ENCODE,
+               f"{what}: time / (encode at {top} + 1 decoder pass + {n} pixel decodes, each timed alone)",
+               note="<= 1 (+ noise): it costs one full encode plus the pixel decodes it needs", batch=batch,
+               parts_s=parts, over_parts_of_minima=fastest["encode_adaptive"] / parts_min)
+    report.add(f"decode.channels_last.{shape}", ratio(tim["pixel_decode_std"], tim["pixel_decode"]), "x",
+               GROUP_ENCODE, f"one pixel decode of soft codes ({shape}, batch {batch}): standard / channels-last",
+               note=f"max |difference| {pix_diff:.1e} of outputs up to {pix_scale:.1f}", max_abs_diff=pix_diff)
+    report.table(f"encode_adaptive worst case ({shape}, batch {batch}, threshold 0)",
+                 ["adaptive ms", "public way ms", "same layout ms", "encode max ms", "decoder pass ms",
+                  "pixel decode ms", "std pixel ms", "over parts", "of minima"],
+                 [[1e3 * med["encode_adaptive"], 1e3 * med["public_way"], 1e3 * med["all_iterations"],
+                   1e3 * med["encode_max"], 1e3 * med["decoder_pass"], 1e3 * med["pixel_decode"],
+                   1e3 * med["pixel_decode_std"], med["encode_adaptive"] / parts,
+                   fastest["encode_adaptive"] / parts_min]])
+    ok = same and same_pub and pix_diff <= 1e-4 * max(1.0, pix_scale) and bool((lengths > 0).all())
+    report.check(f"{name}.same_choice", ok,
+                 "encode_adaptive's ids and budgets equal the all-iterations reference (both layouts); "
+                 f"pixel decodes agree to {pix_diff:.1e}" if ok else
+                 f"encode_adaptive and the reference DIFFER (same layout {same}, standard {same_pub}, "
+                 f"pixels {pix_diff:.1e})")

@@ -839,6 +839,13 @@ class ALITTokenizer(nn.Module):
         never gets below it takes its lowest-error budget (up to ``max_budget``). Iterations run only as
         far as some image still needs; images are dropped from the batch once settled.
 
+        Cost: an image settling at budget ``k`` is decoded to pixels at budgets ``T..k`` only, each
+        iteration's unsettled images in one batch of the (channels-last) base decoder. The worst case,
+        nothing settling, is one ``encode(images, max_budget)`` (the same iterations and the decoder passes
+        halting needs) plus the last iteration's decoder pass and one pixel decode per budget: all of them
+        are needed, since an image that never settles takes its lowest-error budget, known only once every
+        budget is decoded (``python -m bench --only encode``: ``encode.adaptive_worst.*``).
+
         Returns ``(ids (B, max_budget) long padded with PAD_ID, lengths (B,) long)``.
         """
         self._check_images(images)
