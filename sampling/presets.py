@@ -108,7 +108,7 @@ KNOBS: tuple[Knob, ...] = (
     Knob("choice_temperature", float, 4.5, (MASKGIT,), "MaskGIT: Gumbel noise on the confidence that decides which "
          "slots stay masked", low=0),
     Knob("choice_schedule", str, "linear-down", (MASKGIT,), "MaskGIT: how the choice temperature runs over the "
-         "steps (default: down to 0)", choices=VALUE_SCHEDULES),
+         "steps (linear-down: to 0 at the last step)", choices=VALUE_SCHEDULES),
     Knob("steps", int, 8, (MASKGIT,), "MaskGIT decoding steps", low=1),
     Knob("mask_schedule", str, "cosine", (MASKGIT,), "MaskGIT: fraction of slots still masked after each step",
          choices=tuple(MASK_SCHEDULES)),
@@ -344,7 +344,7 @@ def add_sampler_arguments(parser: argparse.ArgumentParser, what: str = "") -> No
     ``--preset FILE`` / ``--no-preset``."""
     group = parser.add_argument_group(f"sampler settings{what} (defaults < the prior's sampling.json < these flags)")
     for knob in KNOBS:
-        kwargs: dict[str, Any] = {"choices": knob.choices} if knob.choices else {}
+        kwargs: dict[str, Any] = {"choices": knob.choices} if knob.choices else {"metavar": knob.type.__name__.upper()}
         group.add_argument(knob.flag, dest=knob.name, type=knob.type if not knob.choices else str.lower,
                            default=None, help=f"{knob.help} (default {knob.default})", **kwargs)
     group.add_argument("--preset", default=None,
