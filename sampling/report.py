@@ -152,6 +152,16 @@ class EvalSettings:
     preview: int = 8  # images per row of reconstructions.png and per row of the sample grids
     feature_batch_size: int = 64  # Inception batch size
     length_model: str = "learned"  # adaptive gFID: "learned" (the prior's p(budget | class)) or "histogram" (TSC)
+    # the other gFID sampler settings (sampling.presets: names, ranges, which prior kinds use them)
+    cfg_schedule: str = "constant"  # how the guidance scale runs over the steps: constant | linear | linear-down
+    temperature_schedule: str = "constant"  # MaskGIT
+    choice_temperature: float = 4.5  # MaskGIT: confidence Gumbel noise
+    choice_schedule: str = "linear-down"  # MaskGIT
+    mask_schedule: str = "cosine"  # MaskGIT: cosine | arccos | linear
+    top_k: int = 0  # AR: top-k filtering (0 = off)
+    top_p: float = 1.0  # AR: nucleus filtering (1 = off)
+    per_budget: dict[str, dict[str, Any]] = field(default_factory=dict)  # "8"/"adaptive" -> settings on top
+    preset: str | None = None  # the sampling.json these settings were read from (a record, not an input)
     seeds: int = 1  # gFID repeated with seeds seed, seed+1, ...: every generated number as mean and spread
     protocol_spec: dict[str, Any] | None = None  # `protocol` resolved (EvalProtocol.to_dict()); set on creation
 
@@ -401,9 +411,11 @@ class Evaluation:
     def sample_settings(self, budget: Budget, seed_index: int = 0) -> SampleSettings:
         """The sampling request behind the gFID of ``budget`` (repeat ``seed_index`` of ``--seeds``)."""
         s = self.settings
-        return SampleSettings(budget=budget, num_images=self.num_samples, cfg_scale=s.cfg_scale,
-                              temperature=s.temperature, steps=s.steps, seed=s.seed + seed_index,
-                              classes=self.sample_classes, chunk_size=s.chunk_size, length_model=s.length_model)
+        sampler = {k: getattr(s, k) for k in SAMPLER_KEYS}
+        sampler.update(s.per_budget.get(str(budget), {}))  # the preset's entry for this budget
+        return SampleSettings(budget=budget, num_images=self.num_samples, seed=s.seed + seed_index,
+                              classes=self.sample_classes,
+                              chunk_size=s.chunk_size, length_model=s.length_model, **sampler)
 
     # ------------------------------------------------------------------ cache
     def _reference_max_images(self) -> int | None:
@@ -793,8 +805,11 @@ def _class_counts(class_histogram: dict[str, int], budgets: list[int]) -> dict[s
     return dict(sorted(out.items(), key=lambda kv: int(kv[0])))
 
 
+SAMPLER_KEYS = ("cfg_scale", "cfg_schedule", "temperature", "temperature_schedule", "choice_temperature",
+                "choice_schedule", "steps", "mask_schedule", "top_k", "top_p")  # = sampling.presets.KNOBS
 SETTINGS_KEYS = ("num_images", "seed", "cfg_scale", "temperature", "steps", "chunk_size", "adaptive_threshold",
-                 "length_model")
+                 "length_model", "cfg_schedule", "temperature_schedule", "choice_temperature", "choice_schedule",
+                 "mask_schedule", "top_k", "top_p", "per_budget", "preset")
 
 
 def library_versions() -> dict[str, str]:
