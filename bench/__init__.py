@@ -15,6 +15,8 @@ What is measured (README, "Benchmarks", says what each number means and lists th
 - ``peak.*`` and ``flops.*``: dense matmul peak per precision, and the achieved FLOP/s of the tokenizer
   (distillation) and prior (MaskGIT) training steps as a fraction of it.
 - ``bf16.*``: bf16 autocast vs fp32 speed-ups, and the output differences of the same model both ways.
+- ``demo_stage.*``: every ``make demo`` training stage trained the same steps from the same seed in fp32 and in
+  bf16 autocast: the bf16 speed-up and both held-out losses (what decides ``precision: auto`` per stage).
 - ``data.*``: an image folder's first start (index built) vs second start (cached index), and DataLoader
   images/s with 0 and 2 workers, on a synthetic folder of 50,000 JPEGs under ``$ALIT_HOME/bench/data/``.
 - ``cache.*``: peak RSS of loading a 200,000-image token cache memory-mapped vs as int64 (fresh processes).
@@ -46,7 +48,7 @@ import torch
 from tokenizer.alit import ALIT_SIZES
 from tokenizer.core.paths import cache_dir
 
-from . import cache_bench
+from . import cache_bench, stage_precision
 from .models import TOKENIZER_SHAPES
 from .report import SCHEMA, Report
 from .timing import Settings
@@ -54,7 +56,7 @@ from .timing import Settings
 __all__ = ["GROUPS", "REQUIRED_KEYS", "SCHEMA", "Report", "Settings", "default_output", "required_keys", "run"]
 
 GROUPS = ("encode", "finetune", "tokenizer_step", "bf16_tokenizer", "ar", "maskgit", "packing", "prior_step",
-          "bf16_prior", "fid", "data", "cache", "cuda", "mfu")  # --only choices (the matmul peak always runs)
+          "bf16_prior", "demo_stages", "fid", "data", "cache", "cuda", "mfu")  # --only choices (the matmul peak always runs)
 SHAPES = tuple(TOKENIZER_SHAPES)
 
 
@@ -90,6 +92,7 @@ def required_keys() -> tuple[str, ...]:
              "cuda.xformers_vs_sdpa.packed"]
     keys += list(cache_bench.KEYS)
     keys += [f"mfu.{k}.bf16" for k in ("distill", "finetune", "maskgit", "ar")] + ["mfu.tokenize.images_per_s"]
+    keys += list(stage_precision.KEYS)
     return tuple(keys)
 
 
@@ -129,6 +132,7 @@ def _jobs(settings: Settings, flops: list[dict[str, Any]],
         ("packing", "packing", lambda r: prior_bench.bench_packing(s, r)),
         ("prior_step", "prior step", lambda r: prior_bench.bench_prior_step(s, r, flops, refs)),
         ("bf16_prior", "bf16 priors", lambda r: prior_bench.bench_bf16_priors(s, r)),
+        ("demo_stages", "demo stages fp32 vs bf16", lambda r: stage_precision.bench_demo_stages(s, r)),
         ("fid", "FID", lambda r: fid_bench.bench_fid(s, r)),
         ("data", "data path", lambda r: data_bench.bench_data(s, r)),
         ("cache", "token cache load", lambda r: cache_bench.bench_cache(s, r)),
