@@ -109,6 +109,11 @@ class DemoConfig:
     distill: StageSpec = field(default_factory=lambda: StageSpec("configs/tokenizer/distill_emoji_cpu.yaml"))
     finetune: StageSpec = field(default_factory=lambda: StageSpec("configs/tokenizer/finetune_emoji_cpu.yaml"))
     prior: StageSpec = field(default_factory=lambda: StageSpec("configs/prior/maskgit_emoji_cpu.yaml"))
+    seed: int = 0  # train.seed of every training stage (a stage's own overrides win); the sampling seed is eval.seed
+    ranks: int = 1  # processes per training stage run in this process's machine (gloo DDP on CPU, one thread
+    #                 each: two 1-thread ranks train ~1.6x faster than one 2-thread process on 2 cores). Each
+    #                 stage's global batch stays its batch_size (train.global_batch), so the results are those
+    #                 of one process; capped at the CPUs this process may use
     adaptive_threshold: float = 0.07  # token-count selection: L1 threshold in [0, 1] units
     eval: EvalSpec = field(default_factory=EvalSpec)
     stages: StagesConfig = field(default_factory=StagesConfig)  # per-stage jobs: resources, array sizes
@@ -158,16 +163,43 @@ def _tokenizer_run(cfg: DemoConfig, name: str, root: Path) -> Any:
 
     spec: StageSpec = getattr(cfg, name)
     extra = {"distill": [f"base={root / 'vq' / 'final'}"], "finetune": [f"init={root / 'distill' / 'final'}"]}
-    return load_config(TokenizerRunConfig, spec.config, [*_data_overrides(cfg.data), *spec.overrides,
-                                                         *extra.get(name, []), f"run_dir={root / name}"])
+    run = load_config(TokenizerRunConfig, spec.config, [*_data_overrides(cfg.data), f"train.seed={cfg.seed}",
+                                                        *spec.overrides,
+                                                        *extra.get(name, []), f"run_dir={root / name}"])
+    return _split_batch(run, name, cfg)
 
 
 def _prior_run(cfg: DemoConfig, root: Path) -> Any:
     from generator.train import PriorRunConfig
 
-    return load_config(PriorRunConfig, cfg.prior.config, [*cfg.prior.overrides, f"tokens={root / 'tokens'}",
-                                                          f"tokenizer={root / 'finetune' / 'final'}",
-                                                          f"run_dir={root / 'prior'}"])
+    run = load_config(PriorRunConfig, cfg.prior.config, [f"train.seed={cfg.seed}", *cfg.prior.overrides,
+                                                         f"tokens={root / 'tokens'}",
+                                                         f"tokenizer={root / 'finetune' / 'final'}",
+                                                         f"run_dir={root / 'prior'}"])
+    return _split_batch(run, "prior", cfg)
+
+
+def local_ranks(cfg: DemoConfig) -> int:
+    """Training processes per stage in this machine: ``cfg.ranks`` capped at the CPUs this process may use."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(cfg.ranks, cpus))
+
+
+def _split_batch(run: Any, stage: str, cfg: DemoConfig) -> Any:
+    """With ``ranks`` > 1 the stage's global batch is its batch (``train.global_batch``, else
+    ``train.batch_size``), each rank holding an equal share: one process or several train the same steps."""
+    if cfg.ranks <= 1:
+        return run
+    total = run.train.global_batch or run.train.batch_size
+    if total % cfg.ranks:
+        raise ConfigError(f"ranks={cfg.ranks} does not divide the {stage} stage's batch of {total}: choose ranks "
+                          f"that divide it, or set {stage}.overrides=[train.global_batch=...]")
+    run.train.global_batch = total
+    run.train.batch_size = total // cfg.ranks
+    return run
 
 
 def _eval_settings(cfg: DemoConfig) -> Any:
@@ -362,6 +394,97 @@ def _is_rank0() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+def _spawn_ranks(cfg: DemoConfig, device: str | None, cluster: str) -> int:
+    """How many local training processes this process starts for a stage (1 = train in this process): only
+    for a CPU run outside a job (a job's ranks are its Slurm tasks) and outside a process group."""
+    from sampling.generate import default_device
+
+    if cluster != "none" or "WORLD_SIZE" in os.environ or (device or default_device()) != "cpu":
+        return 1
+    return local_ranks(cfg)
+
+
+def _train_in_ranks(cfg: DemoConfig, stage: str, device: str | None, ranks: int) -> None:
+    """Train ``stage`` in ``ranks`` spawned processes (gloo DDP, one thread each); rank 0 prints, the others
+    log to ``<stage>/rank<r>.log``. A failing rank fails the stage with its traceback."""
+    import socket
+
+    with socket.socket() as sock:  # a free port for the process group's rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    _spawn(_rank_main, ranks, (ranks, port, to_dict(cfg), stage, device), stage)
+
+
+def _spawn(fn: Any, n: int, args: tuple[Any, ...], stage: str) -> None:
+    """``fn(i, *args)`` in ``n`` spawned processes, waited for; a failing one fails the stage with its traceback."""
+    import torch.multiprocessing as mp
+
+    try:
+        mp.start_processes(fn, args=args, nprocs=n, start_method="spawn", join=True)
+    except (mp.ProcessRaisedException, mp.ProcessExitedException) as e:
+        raise RuntimeError(f"the {stage} stage failed in one of its {n} processes:\n{e}") from None
+
+
+def _quiet_rank(rank: int, root: Path, stage: str) -> None:
+    """One thread per process; ranks after the first write their output to ``<stage>/rank<r>.log``."""
+    import torch
+
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    if rank:
+        (root / stage).mkdir(parents=True, exist_ok=True)
+        log = open(root / stage / f"rank{rank}.log", "a", buffering=1)  # noqa: SIM115 (lives as long as the process)
+        os.dup2(log.fileno(), 1)  # C++ warnings too
+        os.dup2(log.fileno(), 2)
+        sys.stdout = sys.stderr = log
+
+
+def _eval_rank_main(rank: int, n: int, config: dict[str, Any], device: str | None) -> None:
+    """Process ``rank`` of ``n`` of the evaluation stage: the pieces of shard ``rank`` (cached for the merge)."""
+    from sampling.generate import Shard, default_device
+    from sampling.report import Evaluation
+
+    cfg = from_dict(DemoConfig, config)
+    root = cfg.root()
+    _quiet_rank(rank, root, "report")
+    evaluation = Evaluation.load(root / "finetune" / "final", root / "prior" / "final", cfg.data, _eval_settings(cfg),
+                                 device=device or default_device(), tokens=root / "tokens", progress=rank == 0)
+    for piece in evaluation.plan(n):
+        if piece.shard == Shard(rank, n):
+            evaluation.evaluate_piece(piece)
+
+
+def _rank_main(rank: int, world: int, port: int, config: dict[str, Any], stage: str, device: str | None) -> None:
+    """One training process of :func:`_train_in_ranks`."""
+    import torch.distributed as dist
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    cfg = from_dict(DemoConfig, config)
+    root = cfg.root()
+    _quiet_rank(rank, root, stage)
+    try:
+        if stage == "prior":
+            from generator.train import train_prior
+
+            result = train_prior(_prior_run(cfg, root))
+            if rank == 0:
+                _log_prior(result)
+        else:
+            from tokenizer.train import train_tokenizer
+
+            train_tokenizer(_tokenizer_run(cfg, stage, root))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _log_prior(result: Any) -> None:
+    rows = [f"{b}: {result.bits_per_token.get(f'bits_per_token/{b}', float('nan')):.3f} "
+            f"(unigram {u:.3f})" for b, u in result.unigram_bits_per_token.items()]
+    _log("prior held-out bits/token per budget: " + ", ".join(rows))
+
+
 def _run_stage(cfg: DemoConfig, stage: str, device: str | None, cluster: str = "none") -> str:
     """Run stage ``stage`` (its inputs finished); returns its output's path."""
     from sampling.generate import default_device
@@ -369,6 +492,9 @@ def _run_stage(cfg: DemoConfig, stage: str, device: str | None, cluster: str = "
     root = cfg.root()
     tokenizer_dir, tokens, prior = root / "finetune" / "final", root / "tokens", root / "prior"
     job: StageJob = getattr(cfg.stages, stage)
+    if stage in ("vq", "distill", "finetune", "prior") and _spawn_ranks(cfg, device, cluster) > 1:
+        _train_in_ranks(cfg, stage, device, _spawn_ranks(cfg, device, cluster))
+        return str(root / stage / "final")
     if stage in ("vq", "distill", "finetune"):
         from tokenizer.train import train_tokenizer
 
@@ -393,10 +519,7 @@ def _run_stage(cfg: DemoConfig, stage: str, device: str | None, cluster: str = "
     if stage == "prior":
         from generator.train import train_prior
 
-        result = train_prior(_prior_run(cfg, root))
-        rows = [f"{b}: {result.bits_per_token.get(f'bits_per_token/{b}', float('nan')):.3f} "
-                f"(unigram {u:.3f})" for b, u in result.unigram_bits_per_token.items()]
-        _log("prior held-out bits/token per budget: " + ", ".join(rows))
+        _log_prior(train_prior(_prior_run(cfg, root)))
         return str(prior / "final")
     from sampling.html import render_html
 
@@ -412,11 +535,19 @@ def _run_stage(cfg: DemoConfig, stage: str, device: str | None, cluster: str = "
         _record_subjobs(root, stage, [str(j.job_id) for j in sub.array])
         sub.wait()
     else:
+        from sampling.generate import Shard
         from sampling.report import Evaluation
 
         evaluation = Evaluation.load(tokenizer_dir, prior / "final", cfg.data, _eval_settings(cfg),
                                      device=device or default_device(), tokens=tokens)
-        evaluation.run(report_dir)
+        # every shard needs a chunk of images and of samples
+        chunks = -(-min(evaluation.num_images, evaluation.num_samples) // evaluation.settings.chunk_size)
+        n = min(_spawn_ranks(cfg, device, cluster), chunks)
+        if n > 1:  # the pieces of shard i in process i (one thread each); then this process merges and reports
+            _spawn(_eval_rank_main, n, (n, to_dict(cfg), device), "eval")
+            evaluation.run(report_dir, Shard(0, n))  # shard 0's pieces are cached: this only merges
+        else:
+            evaluation.run(report_dir)
     extra = {}
     for s in STAGES[:-1]:
         rec = read_stage_record(root, s.name) or {}

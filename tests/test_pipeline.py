@@ -81,6 +81,22 @@ def test_a_changed_stage_reruns_with_the_ones_after_it(tmp_path: Path) -> None:
     assert "output prior/final changed" in plans["prior"].reason
 
 
+def test_the_demo_seed_seeds_every_training_stage_and_reruns_them(tmp_path: Path) -> None:
+    from slurm.pipeline import _prior_run, _tokenizer_run
+
+    root = tmp_path / "pipe"
+    seeded = _cfg(root, "seed=3")
+    assert [_tokenizer_run(seeded, s, root).train.seed for s in ("vq", "distill", "finetune")] == [3, 3, 3]
+    assert _prior_run(seeded, root).train.seed == 3
+    # a stage's own override wins over the demo's seed
+    own = _cfg(root, "seed=3", "distill.overrides=[train.seed=5]")
+    assert _tokenizer_run(own, "distill", root).train.seed == 5
+    _finish_all(_cfg(root))
+    assert all(p.reuse for p in plan(_cfg(root, "seed=0")))  # the default seed is the configs' own
+    plans = {p.stage.name: p for p in plan(seeded)}
+    assert not plans["vq"].reuse and "train.seed" in plans["vq"].reason
+
+
 def test_the_imagenet_demo_never_reuses_the_emoji_demo(tmp_path: Path) -> None:
     emoji = load_config(DemoConfig, EMOJI)
     imagenet = load_config(DemoConfig, "configs/demo/imagenet_gpu.yaml", ["data.source=emoji"])
@@ -198,3 +214,18 @@ def test_staged_demo_on_slurm_runs_stage_after_stage(tmp_path: Path, capsys: pyt
         assert rows[job][1] >= rows[previous][2], (previous, job, rows)  # ISO times compare as strings
     assert alit(["demo", f"out={root}", *TINY]) == 0  # here afterwards: every stage reused
     assert capsys.readouterr().err.count(": reused (finished earlier") == 6
+
+
+def test_ranks_split_each_stage_batch_so_the_global_batch_stays(tmp_path: Path, monkeypatch) -> None:
+    from slurm.pipeline import _prior_run, _tokenizer_run, local_ranks
+
+    root = tmp_path / "pipe"
+    one, two = _cfg(root, "ranks=1"), _cfg(root, "ranks=2")
+    for stage in ("vq", "distill", "finetune"):
+        a, b = _tokenizer_run(one, stage, root).train, _tokenizer_run(two, stage, root).train
+        assert b.global_batch == a.batch_size and b.batch_size * 2 == a.batch_size, stage
+    assert _prior_run(two, root).train.global_batch == _prior_run(one, root).train.batch_size
+    with pytest.raises(Exception, match="ranks=3 does not divide the vq stage's batch of 16"):
+        _tokenizer_run(_cfg(root, "ranks=3"), "vq", root)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert local_ranks(two) == 1  # never more processes than CPUs: one process then accumulates
