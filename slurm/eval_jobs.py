@@ -129,15 +129,20 @@ def evaluate_shard(request: dict[str, Any], budget: Budget, shard: str,
 def merge_report(request: dict[str, Any], shards: int, out: str) -> dict[str, Any]:
     """Job entry: load every piece of the plan from the feature cache and write the report into ``out``."""
     evaluation = EvalRequest.from_dict(request).build()
-    pieces = evaluation.plan(shards)
+    return evaluation.merge_and_report(load_cached_pieces(evaluation, evaluation.plan(shards), "evaluation"), out)
+
+
+def load_cached_pieces(evaluation: Evaluation, pieces: list[Any], what: str, kind: str = "") -> list[Any]:
+    """Every piece's result from the feature cache (what a merge job reads), or a ValueError naming the
+    missing pieces and the fix (resubmitting ``what``, whose finished pieces are reused)."""
     results = [evaluation.load_piece(p) for p in pieces]
     missing = [str(p) for p, r in zip(pieces, results) if r is None]
     if missing:
-        raise ValueError(f"{len(missing)} of {len(pieces)} pieces are not in the feature cache "
-                         f"{cache_dir('features') / 'eval'}: {', '.join(missing)}. The array tasks write there "
-                         "(ALIT_HOME must be the same shared folder for every job); resubmit the evaluation, "
-                         "whose finished pieces are reused")
-    return evaluation.merge_and_report(results, out)
+        raise ValueError(f"{len(missing)} of {len(pieces)} {kind + ' ' if kind else ''}pieces are not in the feature "
+                         f"cache {cache_dir('features') / 'eval'}: {', '.join(missing)}. The array tasks write there "
+                         f"(ALIT_HOME must be the same shared folder for every job); resubmit the {what}, whose "
+                         "finished pieces are reused")
+    return results
 
 
 # ============================================================================ submitting and waiting

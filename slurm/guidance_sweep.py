@@ -50,10 +50,9 @@ from sampling.report import GEN, RECON, Evaluation, PieceResult, merge_results
 from tokenizer.core.config import git_commit
 from tokenizer.core.errors import UsageError, one_line
 from tokenizer.core.io import atomic_write_text
-from tokenizer.core.paths import cache_dir
 
 from .arrays import ArraySubmission, shared_env, submit_with_merge
-from .eval_jobs import SHARD_TARGET, EvalRequest, plan_tasks
+from .eval_jobs import SHARD_TARGET, EvalRequest, load_cached_pieces, plan_tasks
 from .launcher import Cluster, JobSpec, SlurmConfig
 
 SWEEP_FORMAT = "alit-guidance-sweep/1"
@@ -236,14 +235,7 @@ def merge_sweep(plan: dict[str, Any], out: str, save_best: bool) -> dict[str, An
 # ============================================================================ the table
 def _merged(evaluation: Evaluation, kind: str, shards: int) -> dict[tuple[Any, ...], PieceResult]:
     pieces = [p for p in evaluation.plan(shards) if p.kind == kind]
-    results = [evaluation.load_piece(p) for p in pieces]
-    missing = [str(p) for p, r in zip(pieces, results) if r is None]
-    if missing:
-        raise ValueError(f"{len(missing)} of {len(pieces)} {kind} pieces are not in the feature cache "
-                         f"{cache_dir('features') / 'eval'}: {', '.join(missing)}. The array tasks write there "
-                         "(ALIT_HOME must be the same shared folder for every job); resubmit the sweep, whose "
-                         "finished pieces are reused")
-    return merge_results(results)
+    return merge_results(load_cached_pieces(evaluation, pieces, "sweep", kind))
 
 
 def write_sweep(plan: SweepPlan, evaluation: Evaluation, out: Path, save_best: bool) -> dict[str, Any]:
