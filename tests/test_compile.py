@@ -139,6 +139,7 @@ def test_tokenizer_compiled_matches_eager(base_vq: Path, tmp_path: Path, capsys:
         torch.testing.assert_close(b[k], a[k], **tol, msg=k)
 
 
+@pytest.mark.slow  # 44 s of inductor compile on 2 cores; the tokenizer case is slow-marked too
 def test_prior_compiled_matches_eager(tmp_path: Path) -> None:
     from generator.tasks import PriorTask, TokenDataset, build_prior, collate_tokens
     from generator.tokens import pad_sequences
