@@ -463,17 +463,8 @@ def _rank_main(rank: int, world: int, port: int, config: dict[str, Any], stage: 
     cfg = from_dict(DemoConfig, config)
     root = cfg.root()
     _quiet_rank(rank, root, stage)
-    try:
-        if stage == "prior":
-            from generator.train import train_prior
-
-            result = train_prior(_prior_run(cfg, root))
-            if rank == 0:
-                _log_prior(result)
-        else:
-            from tokenizer.train import train_tokenizer
-
-            train_tokenizer(_tokenizer_run(cfg, stage, root))
+    try:  # the stage's own code: with WORLD_SIZE set, _run_stage trains here as one rank
+        _run_stage(cfg, stage, device)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -492,8 +483,9 @@ def _run_stage(cfg: DemoConfig, stage: str, device: str | None, cluster: str = "
     root = cfg.root()
     tokenizer_dir, tokens, prior = root / "finetune" / "final", root / "tokens", root / "prior"
     job: StageJob = getattr(cfg.stages, stage)
-    if stage in ("vq", "distill", "finetune", "prior") and _spawn_ranks(cfg, device, cluster) > 1:
-        _train_in_ranks(cfg, stage, device, _spawn_ranks(cfg, device, cluster))
+    ranks = _spawn_ranks(cfg, device, cluster)
+    if stage in ("vq", "distill", "finetune", "prior") and ranks > 1:
+        _train_in_ranks(cfg, stage, device, ranks)
         return str(root / stage / "final")
     if stage in ("vq", "distill", "finetune"):
         from tokenizer.train import train_tokenizer
@@ -542,7 +534,7 @@ def _run_stage(cfg: DemoConfig, stage: str, device: str | None, cluster: str = "
                                      device=device or default_device(), tokens=tokens)
         # every shard needs a chunk of images and of samples
         chunks = -(-min(evaluation.num_images, evaluation.num_samples) // evaluation.settings.chunk_size)
-        n = min(_spawn_ranks(cfg, device, cluster), chunks)
+        n = min(ranks, chunks)
         if n > 1:  # the pieces of shard i in process i (one thread each); then this process merges and reports
             _spawn(_eval_rank_main, n, (n, to_dict(cfg), device), "eval")
             evaluation.run(report_dir, Shard(0, n))  # shard 0's pieces are cached: this only merges
