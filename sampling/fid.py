@@ -70,6 +70,7 @@ from .inception import (
     CleanFIDInception,
     FIDInceptionV3,
     InceptionPool3,
+    place,
     resolve_inception,
 )
 
@@ -395,7 +396,7 @@ def _rebatch(images: ImageBatches, batch_size: int) -> Iterator[np.ndarray]:
 @functools.lru_cache(maxsize=2)
 def _network(device: str, weights_path: str) -> FIDInceptionV3:
     """The FID Inception on ``device`` (built once per process and device; frozen, eval mode)."""
-    return FIDInceptionV3(TORCH_FIDELITY_NAME, ["2048"], feature_extractor_weights_path=weights_path).to(device)
+    return place(FIDInceptionV3(TORCH_FIDELITY_NAME, ["2048"], feature_extractor_weights_path=weights_path), device)
 
 
 def _default_device(device: torch.device | str | None) -> torch.device:

@@ -164,9 +164,20 @@ class CleanFIDInception(nn.Module):
         return self.net.pool3_resized(images)
 
 
+def place(net: FIDInceptionV3, device: torch.device | str | None) -> FIDInceptionV3:
+    """``net`` on ``device``; on a CPU its weights in channels-last, where oneDNN's convolutions run 1.5x
+    faster (measured on AMD Zen 4, 2 threads, batch 32) with pool3 features within 1e-5 of the standard layout
+    (``tests/test_fid.py``). The inputs stay NCHW: the first convolution converts them."""
+    device = torch.device(device or "cpu")
+    net = net.to(device)
+    if device.type == "cpu":
+        net = net.to(memory_format=torch.channels_last)
+    return net
+
+
 def _build(device: torch.device | str | None, weights: str | os.PathLike[str] | None) -> FIDInceptionV3:
     net = FIDInceptionV3(TORCH_FIDELITY_NAME, ["2048"], feature_extractor_weights_path=weights)
-    return net.to(device or "cpu")
+    return place(net, device)
 
 
 def fid_feature_extractor(device: torch.device | str | None = None,

@@ -37,6 +37,8 @@ from sampling.fid import (
 )
 from sampling.inception import (
     INCEPTION_FC_KEYS,
+    TORCH_FIDELITY_NAME,
+    FIDInceptionV3,
     cleanfid_feature_extractor,
     resolve_inception,
     torch_fidelity_kwargs,
@@ -272,6 +274,21 @@ def test_extraction_is_batching_invariant(image_sets, tf_features):
     expected = fid_from_stats(FeatureStats.from_features(tf_features["b"][:2]),
                               FeatureStats.from_features(tf_features["a"][:2]))
     assert fid(images[:2], image_sets["a"][:2], TF, "cpu", progress=False) == pytest.approx(expected, rel=1e-3)
+
+
+def test_cpu_network_is_channels_last_with_the_standard_layout_features(image_sets, tf_extractor, tf_features):
+    """The CPU Inception runs in channels-last (faster oneDNN convolutions); the standard NCHW network gives
+    the same pool3 features on real images, and so the same FID."""
+    net = tf_extractor._load().net
+    conv = net.Conv2d_1a_3x3.conv.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    standard = FIDInceptionV3(TORCH_FIDELITY_NAME, ["2048"], feature_extractor_weights_path=tf_extractor.weights_path)
+    images = torch.from_numpy(image_sets["a"][:8]).permute(0, 3, 1, 2).contiguous()
+    with torch.no_grad():
+        (reference,) = standard(images)
+    assert standard.Conv2d_1a_3x3.conv.weight.is_contiguous()
+    np.testing.assert_allclose(tf_features["a"][:8], reference.double().numpy(), rtol=1e-4, atol=1e-4)
+    assert np.abs(reference.numpy()).max() > 0.1  # real features, not zeros
 
 
 def test_extraction_rejects_bad_images():
