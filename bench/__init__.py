@@ -86,7 +86,7 @@ def required_keys() -> tuple[str, ...]:
              "bf16.quality.maskgit_logit_maxabs", "bf16.quality.maskgit_argmax_agreement",
              "bf16.quality.ar_logit_maxabs", "bf16.quality.ar_argmax_agreement",
              "fid.features_per_s.torch_fidelity", "fid.features_per_s.clean_fid", "fid.stats_per_s",
-             "fid.frechet_s", "data.index.first_start_s", "data.index.second_start_s",
+             "fid.frechet_s", "fid.channels_last_speedup", "data.index.first_start_s", "data.index.second_start_s",
              "data.index.cached_speedup", "data.index.second_over_first", "data.loader.images_per_s.w0",
              "data.loader.images_per_s.w2", "cuda.xformers_vs_sdpa.dense", "cuda.xformers_vs_sdpa.padded",
              "cuda.xformers_vs_sdpa.packed"]
