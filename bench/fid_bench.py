@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from sampling.fid import FeatureExtractor, FeatureStats, FIDProtocol, fid_from_stats
-from sampling.inception import TORCH_FIDELITY_NAME, FIDInceptionV3, place, resolve_inception
+from sampling.inception import TORCH_FIDELITY_NAME, FIDInceptionV3, build_network, resolve_inception
 from tokenizer.core.weights import WeightsNotFound
 
 from .models import emoji_uint8
@@ -66,7 +66,7 @@ def _bench_layout(settings: Settings, report: Report, images: np.ndarray) -> Non
         report.add(key, None, "x", GROUP, what, note=f"FID weights not found: {str(e).splitlines()[0]}")
         return
     standard = FIDInceptionV3(TORCH_FIDELITY_NAME, ["2048"], feature_extractor_weights_path=weights)
-    fast = place(FIDInceptionV3(TORCH_FIDELITY_NAME, ["2048"], feature_extractor_weights_path=weights), "cpu")
+    fast = build_network("cpu", weights)
     x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()  # (n, 3, 64, 64) uint8
 
     def run(net: FIDInceptionV3) -> torch.Tensor:

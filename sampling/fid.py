@@ -66,11 +66,10 @@ from tokenizer.core.weights import read_state_dict
 from .inception import (
     FEATURE_DIM,
     INCEPTION_FC_KEYS,
-    TORCH_FIDELITY_NAME,
     CleanFIDInception,
     FIDInceptionV3,
     InceptionPool3,
-    place,
+    build_network,
     resolve_inception,
 )
 
@@ -396,7 +395,7 @@ def _rebatch(images: ImageBatches, batch_size: int) -> Iterator[np.ndarray]:
 @functools.lru_cache(maxsize=2)
 def _network(device: str, weights_path: str) -> FIDInceptionV3:
     """The FID Inception on ``device`` (built once per process and device; frozen, eval mode)."""
-    return place(FIDInceptionV3(TORCH_FIDELITY_NAME, ["2048"], feature_extractor_weights_path=weights_path), device)
+    return build_network(device, weights_path)
 
 
 def _default_device(device: torch.device | str | None) -> torch.device:
