@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import copy
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -30,6 +32,7 @@ from tokenizer.core.compile import REGION_CLASSES, compile_regions, region_kwarg
 from tokenizer.core.errors import UserError
 from tokenizer.core.trainer import TrainConfig, Trainer
 
+ROOT = Path(__file__).resolve().parents[1]
 RTOL, ATOL = 1e-5, 1e-6
 STEPS = 4
 
@@ -85,9 +88,22 @@ def test_regions_keys_and_frozen_parts(base_vq: Path) -> None:
     # the frozen base's resnets stay eager; a second call compiles nothing more
     assert all(m._compiled_call_impl is None for m in model.base.modules())
     assert compile_regions(task.modules()) == 0
+    from tokenizer.core import attention  # its Python-side helpers are graph breaks in the compiled blocks
+
+    assert attention._EAGER_UNDER_COMPILE and all(
+        getattr(getattr(attention, name), "_torchdynamo_disable", False) for name in attention._EAGER_UNDER_COMPILE)
     assert list(model.state_dict()) == keys  # checkpoints and exports keep their eager names
     clone = copy.deepcopy(model)  # the trainer's EMA/export copy runs eager
     assert all(m._compiled_call_impl is None for m in clone.modules())
+
+
+def test_models_import_without_torch_dynamo() -> None:
+    """torch.compiler.disable is applied when a compile is set up, not at import: importing torch._dynamo
+    costs about 1.3 s in every process (each job, rank and CLI call), and most never compile."""
+    code = ("import sys, tokenizer.alit, generator.train, generator.ar, generator.maskgit; "
+            "print('torch._dynamo' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "False", proc.stdout + proc.stderr[-2000:]
 
 
 def test_missing_compiler_is_a_user_error() -> None:

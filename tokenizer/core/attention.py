@@ -32,6 +32,26 @@ from einops import rearrange
 
 from .xformers_info import xformers_status
 
+# Functions that run eagerly (a graph break) inside torch.compile'd blocks. torch.compiler.disable is applied by
+# disable_in_compiled_code() when a compile is set up (tokenizer.core.compile), not at import: it imports
+# torch._dynamo, about 1.3 s in every process (each Slurm job, DDP rank and CLI call), and most never compile.
+_EAGER_UNDER_COMPILE: list[str] = []
+
+
+def _eager_under_compile(fn):
+    _EAGER_UNDER_COMPILE.append(fn.__name__)
+    return fn
+
+
+def disable_in_compiled_code() -> None:
+    """Wrap the functions marked ``@_eager_under_compile`` in ``torch.compiler.disable`` (idempotent).
+
+    The module's own callers look them up by name at call time, so compiled blocks see the wrapped ones."""
+    module = globals()
+    for name in _EAGER_UNDER_COMPILE:
+        if not getattr(module[name], "_torchdynamo_disable", False):
+            module[name] = torch.compiler.disable(module[name])
+
 CLUSTER_PINS = "requirements/cluster-cu128.txt"  # the pin set whose xformers wheel has kernels (see that file)
 Backend = Literal["auto", "sdpa", "xformers"]
 
@@ -68,7 +88,7 @@ def _probe(device: torch.device) -> str | None:
     return None
 
 
-@torch.compiler.disable  # a cached probe with a warning: never traced into a compiled block
+@_eager_under_compile  # a cached probe with a warning: never traced into a compiled block
 def xformers_usable(device: torch.device | str) -> bool:
     """True when xformers' kernels run on ``device`` (probed once per device). When they do not, warn once
     (with the reason and the fix) and let :func:`attention` use SDPA there."""
@@ -141,7 +161,7 @@ def packed_mask(seqlens: Sequence[int], causal: bool, device: torch.device) -> t
     return allowed
 
 
-@torch.compiler.disable  # train.compile: a graph break here, not one recompilation per batch's seqlens
+@_eager_under_compile  # train.compile: a graph break here, not one recompilation per batch's seqlens
 def _sdpa_packed(q, k, v, seqlens, causal) -> torch.Tensor:
     """A packed batch without a dense (L, L) mask: sequences of equal length form one SDPA batch each,
     so the cost grows with the sum of squared lengths, not the square of the total."""
@@ -177,7 +197,7 @@ def _sdpa(q, k, v, key_mask, seqlens, causal) -> torch.Tensor:
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
 
 
-@torch.compiler.disable  # train.compile: xformers runs eager (a graph break), its masks are built from lists
+@_eager_under_compile  # train.compile: xformers runs eager (a graph break), its masks are built from lists
 def _xformers(q, k, v, key_mask, seqlens, causal) -> torch.Tensor:
     xops = _xformers_ops()
     fmha = xops.fmha

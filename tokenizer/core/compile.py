@@ -63,6 +63,7 @@ import torch
 import torch._dynamo
 from torch import nn
 
+from .attention import disable_in_compiled_code
 from .errors import UserError, one_line
 
 # qualified class name -> torch.compile keyword arguments of its instances
@@ -132,6 +133,7 @@ def compile_regions(modules: Mapping[str, nn.Module]) -> int:
     already compiled, or with no trainable parameter, is left as it is. State dict keys do not change.
     """
     check_backend(_devices(modules))
+    disable_in_compiled_code()  # attention's Python-side helpers stay eager: graph breaks, not retraces
     if torch._dynamo.config.recompile_limit < RECOMPILE_LIMIT:
         torch._dynamo.config.recompile_limit = RECOMPILE_LIMIT
     seen: set[int] = set()
