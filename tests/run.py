@@ -30,7 +30,8 @@ def main(argv: list[str] | None = None) -> int:
         return lint.returncode
 
     marker = [] if args.slow else ["-m", "not slow"]
-    cmd = [sys.executable, "-m", "pytest", "-ra", *marker, *args.pytest_args]
+    # --durations: the slowest tests of this machine, so the suite's budget (15 min) is checked where it runs.
+    cmd = [sys.executable, "-m", "pytest", "-ra", "--durations=25", *marker, *args.pytest_args]
     print("== " + " ".join(cmd[2:]), flush=True)
     if not args.slow:
         print("   (tests marked 'slow' are deselected here: run `make test-slow` for them)", flush=True)

@@ -19,6 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.test_cli import alit_here
 from tokenizer.alit import ALITTokenizer
 from tokenizer.core.checkpoint import CheckpointError
 from tokenizer.public import infer_configs, read_public_checkpoint, tokenizer_from_public
@@ -192,11 +193,12 @@ def _alit(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 def test_import_public_command_and_reuse(tmp_path: Path) -> None:
     """``alit import-public`` as a user runs it (from another directory), then ``alit reconstruct`` on its output."""
     ckpt = str(GOLDEN / "halting_on" / "checkpoint.pth")
-    bad = _alit("import-public", ckpt, "--out", str(tmp_path / "tok"), cwd=tmp_path)
+    # the refusals in this process (tests/test_cli.py: the same entry point, without a subprocess's imports)
+    bad = alit_here(["import-public", ckpt, "--out", str(tmp_path / "tok")], tmp_path)
     assert bad.returncode == 2 and "--encoder-heads" in bad.stderr and "Traceback" not in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1
     (tmp_path / "cut.pth").write_bytes((GOLDEN / "halting_on" / "checkpoint.pth").read_bytes()[:5000])
-    cut = _alit("import-public", str(tmp_path / "cut.pth"), "--out", str(tmp_path / "tok"), cwd=tmp_path)
+    cut = alit_here(["import-public", str(tmp_path / "cut.pth"), "--out", str(tmp_path / "tok")], tmp_path)
     assert cut.returncode == 2 and "truncated" in cut.stderr and "Traceback" not in cut.stderr
     assert not (tmp_path / "tok").exists()  # nothing written on a failure
     ok = _alit("import-public", ckpt, "--out", str(tmp_path / "tok"), "--encoder-heads", "4", "--decoder-heads", "4",

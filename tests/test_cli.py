@@ -1,17 +1,23 @@
 """The ``alit`` command line as a user meets it: bad input is one line and exit code 2 in every command,
 ``--version``, and help and configs from any working directory.
 
-Every case runs ``python -m slurm.cli`` in a subprocess from a temporary directory (not the repository),
-and fails before any model is built, so the file takes seconds per case.
+The bad-input cases call the console script's entry point (:func:`slurm.cli.main`) in this process, from a
+temporary directory (not the repository) with ``ALIT_HOME`` under it, and fail before any model is built.
+A subprocess per case cost 5-16 s of imports (torch, diffusers, torch-fidelity) and tested nothing more:
+an exception escaping ``main`` fails the test here as a traceback would there. What needs a real process
+(``--version``, ``--help`` from another directory, one bad input end to end) still runs ``python -m slurm.cli``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
+import io
 import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -28,9 +34,35 @@ def alit(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
                           text=True, timeout=300)
 
 
-def bad_input(args: list[str], cwd: Path, *expected: str) -> str:
+def alit_here(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    """``alit args`` in this process as :func:`alit` runs it: from ``cwd``, ``ALIT_HOME`` under it, warnings
+    ignored; exit code and output as a CompletedProcess."""
+    from slurm.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    home = os.environ.get("ALIT_HOME")
+    before = Path.cwd()
+    os.chdir(cwd)
+    os.environ["ALIT_HOME"] = str(cwd / "home")
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                rc = main(args)
+            except SystemExit as e:  # argparse's own errors and --help
+                rc = e.code if isinstance(e.code, int) else 1
+    finally:
+        os.chdir(before)
+        if home is None:
+            os.environ.pop("ALIT_HOME", None)
+        else:
+            os.environ["ALIT_HOME"] = home
+    return subprocess.CompletedProcess(["alit", *args], rc, out.getvalue(), err.getvalue())
+
+
+def bad_input(args: list[str], cwd: Path, *expected: str, run=alit_here) -> str:
     """Run ``alit args``: exit code 2 and one line ``alit <command>: ...`` on stderr naming ``expected``."""
-    proc = alit(args, cwd)
+    proc = run(args, cwd)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     lines = proc.stderr.strip().splitlines()
@@ -70,6 +102,12 @@ def test_data_missing_source(tmp_path: Path) -> None:
 
 def test_weights_unknown_argument(tmp_path: Path) -> None:
     bad_input(["weights", "--no-such-flag"], tmp_path, "unrecognized arguments: --no-such-flag")
+
+
+def test_bad_input_in_a_real_process(tmp_path: Path) -> None:
+    """End to end as a user meets it: ``python -m slurm.cli`` (imports, warnings and all) prints one line."""
+    bad_input(["train", "tokenizer", "--config", "configs/tokenizer/vq_emoji_cpu.yaml", "train.nokey=1"],
+              tmp_path, "train.nokey", run=alit)
 
 
 def test_sweep_missing_file_and_status_of_a_foreign_directory(tmp_path: Path) -> None:
