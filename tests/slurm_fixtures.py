@@ -12,6 +12,11 @@ cluster can be had, the Slurm tests are skipped with the reason (shown by ``-ra`
 alitn1/alitn2 in network namespaces, its own directory and ports), used if up, else started for the
 session (about 3 s) and stopped at its end. It does not export ``SLURM_CONF``: a test points its jobs
 at it with ``monkeypatch.setenv("SLURM_CONF", ...)``.
+
+Under pytest-xdist (``python -m tests.run`` runs the suite on two workers) each cluster is started once for all
+workers: the first worker that needs it starts it under a file lock in the session's shared temporary
+directory and leaves a marker there; workers never stop it, the controller does at the end of the session
+(:func:`pytest_sessionfinish`), and only a cluster a worker started.
 """
 
 from __future__ import annotations
@@ -22,8 +27,10 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 from slurm.cluster import ClusterError, DevCluster
 
@@ -40,10 +47,71 @@ def _unavailable(reason: str) -> None:
     pytest.skip(message)
 
 
+def _one_cluster() -> DevCluster:
+    return DevCluster(cpus=max(MIN_TEST_CPUS, os.cpu_count() or 1))
+
+
+def _two_node_cluster() -> DevCluster:
+    return DevCluster(nodes=2, cpus=max(MIN_TEST_CPUS, os.cpu_count() or 1))
+
+
+CLUSTERS: dict[str, Callable[[], DevCluster]] = {"slurm": _one_cluster, "two-node": _two_node_cluster}
+
+
+def _shared_dir(factory: pytest.TempPathFactory) -> Path | None:
+    """The directory every xdist worker of this session shares (None outside xdist)."""
+    return factory.getbasetemp().parent if os.environ.get("PYTEST_XDIST_WORKER") else None
+
+
+@contextlib.contextmanager
+def _started_once(name: str, factory: pytest.TempPathFactory) -> Iterator[Callable[[], None]]:
+    """Serialise the start of cluster ``name`` across xdist workers; yields ``started()``, to be called by
+    the worker that started it (the controller then stops it at the end)."""
+    shared = _shared_dir(factory)
+    if shared is None:
+        yield lambda: None
+        return
+    with FileLock(str(shared / f"cluster-{name}.lock")):
+        yield lambda: (shared / f"cluster-{name}.started").touch()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """xdist controller: stop the clusters that a worker started for this session."""
+    if os.environ.get("PYTEST_XDIST_WORKER") or not hasattr(session.config, "_tmp_path_factory"):
+        return
+    if session.config.pluginmanager.getplugin("dsession") is None:  # not the controller of xdist workers
+        return
+    shared = session.config._tmp_path_factory.getbasetemp()
+    for name, make in CLUSTERS.items():
+        marker = shared / f"cluster-{name}.started"
+        if marker.exists():
+            with contextlib.suppress(ClusterError):
+                make().stop()
+            marker.unlink()
+
+
 @pytest.fixture(scope="session")
-def slurm_cluster() -> Iterator[DevCluster]:
+def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevCluster]:
     """A running dev cluster with ``SLURM_CONF`` exported into ``os.environ`` for the session."""
-    cluster = DevCluster(cpus=max(MIN_TEST_CPUS, os.cpu_count() or 1))
+    with _started_once("slurm", tmp_path_factory) as mark_started:
+        cluster, env, started_here = _up_or_started(mark_started)
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield cluster
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        if started_here:
+            cluster.stop()
+
+
+def _up_or_started(mark_started: Callable[[], None]) -> tuple[DevCluster, dict[str, str], bool]:
+    """(the dev cluster, its variables, whether this process must stop it at the end)."""
+    cluster = _one_cluster()
     started_here = False
     root = os.geteuid() == 0
     # root can check every daemon; a user can only see whether a cluster root started answers
@@ -62,41 +130,33 @@ def slurm_cluster() -> Iterator[DevCluster]:
             with contextlib.suppress(ClusterError):  # a failed start may have left some daemons up
                 cluster.stop()
             _unavailable(str(e))
-        started_here = True
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        yield cluster
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        if started_here:
-            cluster.stop()
+        mark_started()
+        started_here = not os.environ.get("PYTEST_XDIST_WORKER")  # under xdist the controller stops it
+    return cluster, env, started_here
 
 
 @pytest.fixture(scope="session")
-def two_node_cluster() -> Iterator[tuple[DevCluster, dict[str, str]]]:
+def two_node_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[DevCluster, dict[str, str]]]:
     """The two-node dev cluster (started here if it is not up) and its variables (``SLURM_CONF``)."""
-    cluster = DevCluster(nodes=2, cpus=max(MIN_TEST_CPUS, os.cpu_count() or 1))
+    cluster = _two_node_cluster()
     started_here = False
     if os.geteuid() != 0:
         _unavailable("the two-node cluster needs root (network namespaces)")
-    if cluster.is_up():
-        env = cluster.env()
-    else:
-        if shutil.which("apt-get") is None and shutil.which("ip") is None:
-            _unavailable("the two-node cluster needs iproute2 (ip) and there is no apt-get to install it")
-        try:  # install() adds iproute2 if missing
-            cluster.install()
-            env = cluster.start()
-        except ClusterError as e:
-            with contextlib.suppress(ClusterError):
-                cluster.stop()
-            _unavailable(f"two-node cluster: {e}")
-        started_here = True
+    with _started_once("two-node", tmp_path_factory) as mark_started:
+        if cluster.is_up():
+            env = cluster.env()
+        else:
+            if shutil.which("apt-get") is None and shutil.which("ip") is None:
+                _unavailable("the two-node cluster needs iproute2 (ip) and there is no apt-get to install it")
+            try:  # install() adds iproute2 if missing
+                cluster.install()
+                env = cluster.start()
+            except ClusterError as e:
+                with contextlib.suppress(ClusterError):
+                    cluster.stop()
+                _unavailable(f"two-node cluster: {e}")
+            mark_started()
+            started_here = not os.environ.get("PYTEST_XDIST_WORKER")  # under xdist the controller stops it
     try:
         yield cluster, env
     finally:
