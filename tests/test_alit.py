@@ -287,7 +287,7 @@ def test_encode_adaptive_stops_when_settled(tok: ALITTokenizer, images: torch.Te
 
 
 def test_encode_budgets_is_one_pass_with_every_budget_and_the_adaptive_choice(
-        tok: ALITTokenizer, images: torch.Tensor, per_budget) -> None:
+        tok: ALITTokenizer, images: torch.Tensor, per_budget, monkeypatch: pytest.MonkeyPatch) -> None:
     """One encoder pass gives encode(images, k) for every k and encode_adaptive's choice, with halting on
     (cells masked from the second iteration on) and off."""
     errs = per_budget[1]
@@ -305,6 +305,18 @@ def test_encode_budgets_is_one_pass_with_every_budget_and_the_adaptive_choice(
             ids, lengths = model.encode_adaptive(images, thr)
             assert torch.equal(out.adaptive_lengths, lengths) and torch.equal(out.adaptive_ids, ids), thr
     assert len(set(tok.encode_budgets(images, float(errs[:, 1].median())).adaptive_lengths.tolist())) > 1
+    # settled images are not decoded to pixels again (rows per pixel decode, one decode per budget at most)
+    decoded: list[int] = []
+    real = tok.logits_to_images
+    monkeypatch.setattr(tok, "logits_to_images", lambda logits: decoded.append(len(logits)) or real(logits))
+    b, n = len(images), len(tok.budgets)
+    for thr, want in ((math.inf, [b]), (0.0, [b] * n)):  # all settle at the first budget / none ever settles
+        decoded.clear()
+        tok.encode_budgets(images, thr)
+        assert decoded == want, (thr, decoded)
+    decoded.clear()
+    tok.encode_budgets(images, float(errs[:, 1].median()))  # about half settle by the second budget
+    assert decoded[0] == b and decoded == sorted(decoded, reverse=True) and decoded[-1] < b, decoded
     with pytest.raises(ValueError, match="threshold"):
         tok.encode_budgets(images, -1.0)
 

@@ -792,7 +792,8 @@ class ALITTokenizer(nn.Module):
         the iterations before; a per-budget encode repeats them: 1 + 2 + ... + 8 = 36 iterations for 8
         budgets against 8 here). The adaptive choice is :meth:`encode_adaptive`'s rule (the first budget
         whose unclamped reconstruction L1 in [0, 1] units is below ``threshold``, else the lowest-error
-        one) from one decoder pass per budget, which the halting masks need anyway."""
+        one) from one decoder pass per budget, which the halting masks need anyway. Only the images not yet
+        settled are decoded to pixels: one settled at budget k is decoded at budgets T..k only."""
         self._check_images(images)
         if threshold is not None and not threshold >= 0:
             raise ValueError(f"threshold is an L1 error in [0, 1] pixel units (e.g. 0.07), got {threshold}")
@@ -811,13 +812,14 @@ class ALITTokenizer(nn.Module):
             ids_by_budget[k] = ids
             need_logits = threshold is not None or (alit.config.halting and t < n - 1)
             logits = alit.decode_logits(codes) if need_logits else None
-            if threshold is not None:
-                recon = self.logits_to_images(logits)  # unclamped, as the public selection metric
-                err = (recon.float() - images.float()).abs().flatten(1).mean(1) / 2  # (B,) [0, 1] units
-                better = (err < best) & ~settled
-                lengths[better] = k
-                best[better] = err[better]
-                settled |= err < threshold
+            todo = (~settled).nonzero().squeeze(1) if threshold is not None else None
+            if todo is not None and todo.numel():  # pixel decodes of the unsettled images only
+                recon = self.logits_to_images(logits[todo])  # unclamped, as the public selection metric
+                err = (recon.float() - images[todo].float()).abs().flatten(1).mean(1) / 2  # [0, 1] units
+                better = err < best[todo]
+                lengths[todo[better]] = k
+                best[todo[better]] = err[better]
+                settled[todo[err < threshold]] = True
             if alit.config.halting and t < n - 1:
                 halt = alit.halting_mask(logits, targets)
         adaptive = None
