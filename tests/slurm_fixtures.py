@@ -24,27 +24,24 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 from filelock import FileLock
 
 from slurm.cluster import ClusterError, DevCluster
+from tests.needs import unavailable
 
 # Advertise at least this many CPUs: 1-CPU test jobs (an array of 4, two 2-task jobs) then run side by
 # side even on a 2-core machine.
 MIN_TEST_CPUS = 4
 
 
-def _unavailable(reason: str) -> None:
-    message = f"dev Slurm cluster unavailable: {reason}"
-    print(f"\n[slurm_cluster] {message}", file=sys.stderr)
-    if os.environ.get("ALIT_REQUIRE_SLURM") == "1" or os.environ.get("CI") == "true":
-        pytest.fail(f"{message} (ALIT_REQUIRE_SLURM=1 requires it)", pytrace=False)
-    pytest.skip(message)
+def _unavailable(reason: str) -> NoReturn:
+    unavailable("dev Slurm cluster", reason, "ALIT_REQUIRE_SLURM")
 
 
 def _one_cluster() -> DevCluster:

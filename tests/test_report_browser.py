@@ -11,24 +11,21 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 from PIL import Image
 
 from sampling.html import check_in_browser, find_chromium, render_html
+from tests.needs import unavailable
 from tests.test_protocol import evaluate, models  # noqa: F401  (the module fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _unavailable(reason: str) -> None:
-    message = f"headless Chromium unavailable: {reason}"
-    print(f"\n[chromium] {message}", file=sys.stderr)
-    if os.environ.get("ALIT_REQUIRE_BROWSER") == "1" or os.environ.get("CI") == "true":
-        pytest.fail(f"{message} (CI requires it)", pytrace=False)
-    pytest.skip(message)
+def _unavailable(reason: str) -> NoReturn:
+    unavailable("headless Chromium", reason, "ALIT_REQUIRE_BROWSER")
 
 
 @pytest.fixture(scope="session")
