@@ -336,4 +336,14 @@ def test_learned_adaptive_sampling_and_eval_row(ckpts: dict[str, Path], tmp_path
     assert a["histogram_length_bits_per_token"] > 0
     md = (report_dir / "report.md").read_text()
     assert "length_model: learned" in md and "| tokens | generated | TSC (data) |" in md
-    assert "adaptive samples: length_model learned" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "adaptive samples: length_model learned" in printed
+    # the printed table: every budget's numbers, with the samples' KID x 1e3, precision and recall
+    lines = printed.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("[eval] "))
+    assert lines[start + 1].split() == ["budget", "rFID", "gFID", "L1", "LPIPS", "gKIDx1e3", "prec", "recall"]
+    for line, e in zip(lines[start + 2:], report["budgets"], strict=False):
+        m = e["gen_metrics"]
+        assert line.split() == [str(e["budget"]), f"{e['rfid']:.2f}", f"{e['gfid']:.2f}", f"{e['l1']:.4f}",
+                                f"{e['lpips']:.4f}", f"{m['kid_mean'] * 1e3:.2f}", f"{m['precision']:.3f}",
+                                f"{m['recall']:.3f}"], line

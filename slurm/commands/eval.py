@@ -99,17 +99,29 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add_cluster_arguments(parser)  # --cluster slurm|local|debug|none (default none: this process) + resources
 
 
+def _opt(value: float | None, width: int, digits: int, scale: float = 1.0) -> str:
+    return f"{value * scale:{width}.{digits}f}" if value is not None else " " * (width - 1) + "-"
+
+
+def _gen_columns(entry: dict[str, Any]) -> str:
+    """The samples' KID (x 1e3), precision and recall of one report entry (``-`` where not computed)."""
+    m = entry.get("gen_metrics") or {}
+    return (f" {_opt(m.get('kid_mean'), 9, 2, 1e3)} {_opt(m.get('precision'), 5, 3)} "
+            f"{_opt(m.get('recall'), 7, 3)}")
+
+
 def print_report_table(report: dict[str, Any], out: str | Path) -> None:
     """The numbers of a report as the table ``alit eval`` prints (local and job runs alike)."""
     print(f"[eval] {out}")
-    print("budget    rFID    gFID      L1   LPIPS")
+    # gKID, precision and recall of the samples, when the protocol computes them (report.md has every metric)
+    print("budget    rFID    gFID      L1   LPIPS  gKIDx1e3  prec  recall")
     for e in report["budgets"]:
-        gfid = f"{e['gfid']:7.2f}" if e["gfid"] is not None else "      -"
-        print(f"{e['budget']:6d} {e['rfid']:7.2f} {gfid} {e['l1']:7.4f} {e['lpips']:7.4f}")
+        print(f"{e['budget']:6d} {e['rfid']:7.2f} {_opt(e['gfid'], 7, 2)} {e['l1']:7.4f} {e['lpips']:7.4f}"
+              f"{_gen_columns(e)}")
     a = report["adaptive"]
     if a is not None:
-        gfid = f"{a['gfid']:7.2f}" if a["gfid"] is not None else "      -"
-        print(f"  TSC {a['rfid']:7.2f} {gfid} {a['l1']:7.4f} {a['lpips']:7.4f}  (mean {a['mean_tokens']:.1f} tokens)")
+        print(f"  TSC {a['rfid']:7.2f} {_opt(a['gfid'], 7, 2)} {a['l1']:7.4f} {a['lpips']:7.4f}{_gen_columns(a)}"
+              f"  (mean {a['mean_tokens']:.1f} tokens)")
         if a.get("length_model"):
             print(f"  adaptive samples: length_model {a['length_model']}, mean {a['generated_mean_tokens']:.1f} tokens, "
                   f"TV to TSC {a['length_tv']:.3f}, nearest fixed budget {a['matched_budget']} gFID "
