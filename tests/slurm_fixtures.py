@@ -61,21 +61,24 @@ def _shared_dir(factory: pytest.TempPathFactory) -> Path | None:
 
 
 @contextlib.contextmanager
-def _started_once(name: str, factory: pytest.TempPathFactory) -> Iterator[Callable[[], None]]:
-    """Serialise the start of cluster ``name`` across xdist workers; yields ``started()``, to be called by
-    the worker that started it (the controller then stops it at the end)."""
+def _started_once(name: str, factory: pytest.TempPathFactory) -> Iterator[Callable[[], bool]]:
+    """Serialise the start of cluster ``name`` across xdist workers. Yields ``started()``, called by the
+    process that started it: it returns whether that process stops it at the end (outside xdist), else
+    leaves the marker by which the controller stops it."""
     shared = _shared_dir(factory)
     if shared is None:
-        yield lambda: None
+        yield lambda: True
         return
+    def started() -> bool:
+        (shared / f"cluster-{name}.started").touch()
+        return False  # the controller stops it
+
     with FileLock(str(shared / f"cluster-{name}.lock")):
-        yield lambda: (shared / f"cluster-{name}.started").touch()
+        yield started
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
     """xdist controller: stop the clusters that a worker started for this session."""
-    if os.environ.get("PYTEST_XDIST_WORKER") or not hasattr(session.config, "_tmp_path_factory"):
-        return
     if session.config.pluginmanager.getplugin("dsession") is None:  # not the controller of xdist workers
         return
     shared = session.config._tmp_path_factory.getbasetemp()
@@ -106,7 +109,7 @@ def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevClust
             cluster.stop()
 
 
-def _up_or_started(mark_started: Callable[[], None]) -> tuple[DevCluster, dict[str, str], bool]:
+def _up_or_started(mark_started: Callable[[], bool]) -> tuple[DevCluster, dict[str, str], bool]:
     """(the dev cluster, its variables, whether this process must stop it at the end)."""
     cluster = _one_cluster()
     started_here = False
@@ -127,8 +130,7 @@ def _up_or_started(mark_started: Callable[[], None]) -> tuple[DevCluster, dict[s
             with contextlib.suppress(ClusterError):  # a failed start may have left some daemons up
                 cluster.stop()
             _unavailable(str(e))
-        mark_started()
-        started_here = not os.environ.get("PYTEST_XDIST_WORKER")  # under xdist the controller stops it
+        started_here = mark_started()
     return cluster, env, started_here
 
 
@@ -152,8 +154,7 @@ def two_node_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple
                 with contextlib.suppress(ClusterError):
                     cluster.stop()
                 _unavailable(f"two-node cluster: {e}")
-            mark_started()
-            started_here = not os.environ.get("PYTEST_XDIST_WORKER")  # under xdist the controller stops it
+            started_here = mark_started()
     try:
         yield cluster, env
     finally:

@@ -40,23 +40,15 @@ def alit_here(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
     from slurm.cli import main
 
     out, err = io.StringIO(), io.StringIO()
-    home = os.environ.get("ALIT_HOME")
-    before = Path.cwd()
-    os.chdir(cwd)
-    os.environ["ALIT_HOME"] = str(cwd / "home")
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            try:
-                rc = main(args)
-            except SystemExit as e:  # argparse's own errors and --help
-                rc = e.code if isinstance(e.code, int) else 1
-    finally:
-        os.chdir(before)
-        if home is None:
-            os.environ.pop("ALIT_HOME", None)
-        else:
-            os.environ["ALIT_HOME"] = home
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
+            warnings.catch_warnings():
+        mp.chdir(cwd)
+        mp.setenv("ALIT_HOME", str(cwd / "home"))
+        warnings.simplefilter("ignore")
+        try:
+            rc = main(args)
+        except SystemExit as e:  # argparse's own errors and --help
+            rc = e.code if isinstance(e.code, int) else 1
     return subprocess.CompletedProcess(["alit", *args], rc, out.getvalue(), err.getvalue())
 
 

@@ -810,10 +810,11 @@ class ALITTokenizer(nn.Module):
             codes, ids, _ = alit.bottleneck(state)  # (B, k, D), (B, k)
             k = ids.shape[1]
             ids_by_budget[k] = ids
-            need_logits = threshold is not None or (alit.config.halting and t < n - 1)
+            pending = threshold is not None and not bool(settled.all())  # some image still chooses
+            need_logits = pending or (alit.config.halting and t < n - 1)
             logits = alit.decode_logits(codes) if need_logits else None
-            todo = (~settled).nonzero().squeeze(1) if threshold is not None else None
-            if todo is not None and todo.numel():  # pixel decodes of the unsettled images only
+            if pending:  # pixel decodes of the unsettled images only
+                todo = (~settled).nonzero().squeeze(1)
                 recon = self.logits_to_images(logits[todo])  # unclamped, as the public selection metric
                 err = (recon.float() - images[todo].float()).abs().flatten(1).mean(1) / 2  # [0, 1] units
                 better = err < best[todo]
