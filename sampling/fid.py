@@ -613,10 +613,9 @@ def _reference(data_cfg: DataConfig, split: str, protocol: FIDProtocol | str, ma
     if extractor is not None and extractor.protocol is not protocol:
         raise ValueError(f"the extractor uses protocol {extractor.protocol.value}, reference_stats was asked "
                          f"for {protocol.value}")
-    key = _reference_key(data_cfg, split, protocol, max_images, weights)
     path = reference_cache_path(data_cfg, split, protocol, max_images, weights=weights)
     features_path = _features_path(path)
-    stats = _cached_stats(path, key)
+    stats = cached_reference_stats(data_cfg, split, protocol, max_images, weights)
     if stats is not None and not keep_features:
         return stats, None
     if keep_features and stats is not None and features_path.is_file():
@@ -635,8 +634,26 @@ def _reference(data_cfg: DataConfig, split: str, protocol: FIDProtocol | str, ma
             np.save(f, features.astype(np.float32))  # exact: the network's features are float32
     else:
         stats = extractor.accumulate(batches, total=total, desc=desc)
-    stats.save(path, metadata={"key": json.dumps(key, sort_keys=True)})
+    save_reference_stats(data_cfg, split, protocol, max_images, stats, weights)
     return stats, features
+
+
+def cached_reference_stats(data_cfg: DataConfig, split: str, protocol: FIDProtocol | str, max_images: int | None,
+                           weights: str | os.PathLike[str] | None = None) -> FeatureStats | None:
+    """The cached statistics :func:`reference_stats` would return, or None (never computes)."""
+    protocol = _as_protocol(protocol)
+    return _cached_stats(reference_cache_path(data_cfg, split, protocol, max_images, weights=weights),
+                         _reference_key(data_cfg, split, protocol, max_images, weights))
+
+
+def save_reference_stats(data_cfg: DataConfig, split: str, protocol: FIDProtocol | str, max_images: int | None,
+                         stats: FeatureStats, weights: str | os.PathLike[str] | None = None) -> Path:
+    """Cache ``stats`` (computed from exactly :func:`reference_stats`' images) as that split's reference."""
+    protocol = _as_protocol(protocol)
+    path = reference_cache_path(data_cfg, split, protocol, max_images, weights=weights)
+    key = _reference_key(data_cfg, split, protocol, max_images, weights)
+    stats.save(path, metadata={"key": json.dumps(key, sort_keys=True)})
+    return path
 
 
 def reference_stats(data_cfg: DataConfig, split: str, protocol: FIDProtocol | str = FIDProtocol.torch_fidelity,

@@ -283,12 +283,19 @@ def _cached_extras(key: str, compute: Any) -> dict[str, np.ndarray]:
 
 
 def image_extras(extractor: FeatureExtractor, batches: Iterable[np.ndarray], total: int, key: str,
-                 spatial: bool, desc: str) -> dict[str, np.ndarray]:
-    """Cached per-image pool3 features and (``spatial``) sFID moments of an image set."""
+                 spatial: bool, desc: str, pool3_stats: FeatureStats | None = None) -> dict[str, np.ndarray]:
+    """Cached per-image pool3 features and (``spatial``) sFID moments of an image set. When they are computed
+    (not read from the cache), ``pool3_stats`` also receives the pass's float64 pool3 features: the FID
+    moments of the set without a second Inception pass."""
     def compute() -> dict[str, np.ndarray]:
         if not spatial:
-            return {"features": extractor.extract(batches, total=total, desc=desc).astype(np.float32)}
+            pool3 = extractor.extract(batches, total=total, desc=desc)
+            if pool3_stats is not None:
+                pool3_stats.update(pool3)
+            return {"features": pool3.astype(np.float32)}
         pool3, sp = spatial_features(extractor, batches, total=total, desc=desc)
+        if pool3_stats is not None:
+            pool3_stats.update(pool3)
         stats = FeatureStats.from_features(sp.astype(np.float64))
         return {"features": pool3.astype(np.float32), "spatial_mu": stats.mean, "spatial_sigma": stats.cov}
     full = json.dumps({"key": key, "protocol_id": extractor.protocol_id, "spatial": spatial}, sort_keys=True)

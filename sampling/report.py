@@ -86,8 +86,10 @@ from .fid import (
     FeatureExtractor,
     FeatureStats,
     FIDProtocol,
+    cached_reference_stats,
     reference_cache_path,
     reference_stats,
+    save_reference_stats,
 )
 from .generate import (
     ADAPTIVE,
@@ -581,9 +583,31 @@ class Evaluation:
         return result
 
     def reference(self) -> FeatureStats:
-        """The split's reference statistics (cached by :func:`sampling.fid.reference_stats`)."""
-        return reference_stats(self.data, self.settings.split, self.protocol, self._reference_max_images(),
-                               extractor=self.extractor, progress=self.progress)
+        """The split's reference statistics (cached by :func:`sampling.fid.reference_stats`). A protocol
+        that needs the images' own features or spatial moments gets them from the same Inception pass."""
+        split, max_images, weights = self.settings.split, self._reference_max_images(), self.extractor.weights_path
+        ep = self.eval_protocol
+        if ep.wants_features or ep.wants_spatial:
+            cached = cached_reference_stats(self.data, split, self.protocol, max_images, weights)
+            if cached is not None:
+                return cached
+            stats = FeatureStats(protocol=self.extractor.protocol_id)
+            self._reference_extras(stats)
+            if stats.n == self.num_images:  # computed in that pass (not read from the extras' cache)
+                save_reference_stats(self.data, split, self.protocol, max_images, stats, weights)
+                return stats
+        return reference_stats(self.data, split, self.protocol, max_images, extractor=self.extractor,
+                               progress=self.progress)
+
+    def _reference_extras(self, pool3_stats: FeatureStats | None = None) -> dict[str, np.ndarray]:
+        """The evaluated images' per-image pool3 features and spatial moments (cached by ``image_extras``)."""
+        def batches() -> Iterable[np.ndarray]:
+            step = self.extractor.batch_size
+            for lo in range(0, len(self.positions), step):
+                yield np.concatenate([self.dataset.uint8_images(int(p), int(p) + 1)
+                                      for p in self.positions[lo:lo + step]])  # (b, R, R, 3)
+        return image_extras(self.extractor, batches(), self.num_images, self.reference_name,
+                            self.eval_protocol.wants_spatial, f"reference {self.settings.split}", pool3_stats)
 
     def reference_sets(self, ref: FeatureStats) -> tuple[ReferenceSet, ReferenceSet]:
         """The references of reconstructions (the evaluated images, whose statistics are ``ref``) and of
@@ -593,13 +617,7 @@ class Evaluation:
         recon = ReferenceSet(f"the evaluated {self.settings.split} images", ref.mean, ref.cov, ref.n,
                              protocol_id=ref.protocol)
         if ep.wants_features or ep.wants_spatial:
-            def batches() -> Iterable[np.ndarray]:
-                step = self.extractor.batch_size
-                for lo in range(0, len(self.positions), step):
-                    yield np.concatenate([self.dataset.uint8_images(int(p), int(p) + 1)
-                                          for p in self.positions[lo:lo + step]])  # (b, R, R, 3)
-            extras = image_extras(self.extractor, batches(), self.num_images, self.reference_name,
-                                  ep.wants_spatial, f"reference {self.settings.split}")
+            extras = self._reference_extras()
             recon.features = extras["features"]
             recon.spatial_mu, recon.spatial_sigma = extras.get("spatial_mu"), extras.get("spatial_sigma")
         if ep.reference.kind == "split" and ep.reference.split is None:

@@ -133,6 +133,30 @@ def evaluate(models: dict[str, Path], out: Path, protocol: str = "demo_emoji", s
     return report
 
 
+def test_reference_moments_and_extras_share_one_inception_pass(models: dict[str, Path], tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ALIT_HOME", str(tmp_path))  # an empty feature cache (the weights have their own)
+    settings = EvalSettings(budgets=(4,), num_images=8, adaptive_threshold=None, chunk_size=8, protocol="demo_emoji")
+    ev = Evaluation.load(models["tok"], None, DataConfig(), settings, progress=False)
+    ev.extractor.batch_size = 3  # several batches
+    ref = ev.reference()
+    recon, _ = ev.reference_sets(ref)
+    assert ev.extractor.images_processed == 8  # one pass gave the moments, the features and the spatial moments
+    # the moments are those of reference_stats' own pass over the same images, and are its cache entry
+    separate = fid.FeatureExtractor(ev.protocol, "cpu", batch_size=3, progress=False)
+    images = np.concatenate([ev.dataset.uint8_images(int(p), int(p) + 1) for p in ev.positions])
+    expected = separate.accumulate(images)
+    assert ref.n == expected.n == 8
+    np.testing.assert_allclose(ref.mean, expected.mean, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(ref.cov, expected.cov, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(recon.features, ref_features := separate.extract(images), rtol=1e-6, atol=1e-6)
+    assert recon.spatial_mu is not None and ref_features.shape == (8, 2048)
+    again = Evaluation.load(models["tok"], None, DataConfig(), settings, progress=False)
+    np.testing.assert_array_equal(again.reference().mean, ref.mean)
+    again.reference_sets(ref)
+    assert again.extractor.images_processed == 0  # both caches hit
+
+
 @pytest.mark.slow  # ~25 s on an idle 2-core machine: two evaluations, eight Frechet distances
 def test_report_has_the_metric_set_per_budget_with_seeds(models: dict[str, Path], tmp_path: Path) -> None:
     report = evaluate(models, tmp_path / "report")
