@@ -48,7 +48,7 @@ import functools
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -563,7 +563,10 @@ def reference_cache_path(data_cfg: DataConfig, split: str, protocol: FIDProtocol
                          weights: str | os.PathLike[str] | None = None) -> Path:
     """Where :func:`reference_stats` keeps the statistics of this split (``<stem>.stats.safetensors``)."""
     protocol = _as_protocol(protocol)
-    key = _reference_key(data_cfg, split, protocol, max_images, weights)
+    return _reference_path(data_cfg, split, protocol, _reference_key(data_cfg, split, protocol, max_images, weights))
+
+
+def _reference_path(data_cfg: DataConfig, split: str, protocol: FIDProtocol, key: dict[str, Any]) -> Path:
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
     name = Path(data_cfg.source).stem if data_cfg.source != EMOJI else EMOJI
     slug = "".join(c if c.isalnum() or c in "-_" else "-" for c in name)[:40]
@@ -606,16 +609,18 @@ def _cached_stats(path: Path, key: dict[str, Any]) -> FeatureStats | None:
 
 
 def _reference(data_cfg: DataConfig, split: str, protocol: FIDProtocol | str, max_images: int | None,
-               extractor: FeatureExtractor | None, keep_features: bool, **extractor_kwargs: Any,
+               extractor: FeatureExtractor | None, keep_features: bool,
+               moments: Callable[[], FeatureStats | None] | None = None, **extractor_kwargs: Any,
                ) -> tuple[FeatureStats, np.ndarray | None]:
     protocol = _as_protocol(protocol)
     weights = extractor.weights_path if extractor is not None else extractor_kwargs.get("weights")
     if extractor is not None and extractor.protocol is not protocol:
         raise ValueError(f"the extractor uses protocol {extractor.protocol.value}, reference_stats was asked "
                          f"for {protocol.value}")
-    path = reference_cache_path(data_cfg, split, protocol, max_images, weights=weights)
+    key = _reference_key(data_cfg, split, protocol, max_images, weights)
+    path = _reference_path(data_cfg, split, protocol, key)
     features_path = _features_path(path)
-    stats = cached_reference_stats(data_cfg, split, protocol, max_images, weights)
+    stats = _cached_stats(path, key)
     if stats is not None and not keep_features:
         return stats, None
     if keep_features and stats is not None and features_path.is_file():
@@ -623,43 +628,28 @@ def _reference(data_cfg: DataConfig, split: str, protocol: FIDProtocol | str, ma
         if features.shape == (stats.n, FEATURE_DIM):
             return stats, features
 
-    extractor = extractor or FeatureExtractor(protocol, **extractor_kwargs)
-    batches, total = _split_images(data_cfg, split, max_images, extractor.batch_size)
-    desc = f"reference {data_cfg.source}:{split}"
     features = None
-    if keep_features:
-        features = extractor.extract(batches, total=total, desc=desc)
-        stats = FeatureStats.from_features(features, extractor.protocol_id)
-        with atomic_path(features_path) as tmp, open(tmp, "wb") as f:
-            np.save(f, features.astype(np.float32))  # exact: the network's features are float32
-    else:
-        stats = extractor.accumulate(batches, total=total, desc=desc)
-    save_reference_stats(data_cfg, split, protocol, max_images, stats, weights)
-    return stats, features
-
-
-def cached_reference_stats(data_cfg: DataConfig, split: str, protocol: FIDProtocol | str, max_images: int | None,
-                           weights: str | os.PathLike[str] | None = None) -> FeatureStats | None:
-    """The cached statistics :func:`reference_stats` would return, or None (never computes)."""
-    protocol = _as_protocol(protocol)
-    return _cached_stats(reference_cache_path(data_cfg, split, protocol, max_images, weights=weights),
-                         _reference_key(data_cfg, split, protocol, max_images, weights))
-
-
-def save_reference_stats(data_cfg: DataConfig, split: str, protocol: FIDProtocol | str, max_images: int | None,
-                         stats: FeatureStats, weights: str | os.PathLike[str] | None = None) -> Path:
-    """Cache ``stats`` (computed from exactly :func:`reference_stats`' images) as that split's reference."""
-    protocol = _as_protocol(protocol)
-    path = reference_cache_path(data_cfg, split, protocol, max_images, weights=weights)
-    key = _reference_key(data_cfg, split, protocol, max_images, weights)
+    stats = moments() if moments is not None and not keep_features else None
+    if stats is None:
+        extractor = extractor or FeatureExtractor(protocol, **extractor_kwargs)
+        batches, total = _split_images(data_cfg, split, max_images, extractor.batch_size)
+        desc = f"reference {data_cfg.source}:{split}"
+        if keep_features:
+            features = extractor.extract(batches, total=total, desc=desc)
+            stats = FeatureStats.from_features(features, extractor.protocol_id)
+            with atomic_path(features_path) as tmp, open(tmp, "wb") as f:
+                np.save(f, features.astype(np.float32))  # exact: the network's features are float32
+        else:
+            stats = extractor.accumulate(batches, total=total, desc=desc)
     stats.save(path, metadata={"key": json.dumps(key, sort_keys=True)})
-    return path
+    return stats, features
 
 
 def reference_stats(data_cfg: DataConfig, split: str, protocol: FIDProtocol | str = FIDProtocol.torch_fidelity,
                     max_images: int | None = None, *, extractor: FeatureExtractor | None = None,
                     device: torch.device | str | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
-                    weights: str | os.PathLike[str] | None = None, progress: bool = True) -> FeatureStats:
+                    weights: str | os.PathLike[str] | None = None, progress: bool = True,
+                    moments: Callable[[], FeatureStats | None] | None = None) -> FeatureStats:
     """Statistics of a dataset split under ``protocol``, cached under ``cache_dir("features")``.
 
     The cache key holds the source's content hash (sha256 of the .npz / embedded set; paths, sizes and
@@ -667,8 +657,10 @@ def reference_stats(data_cfg: DataConfig, split: str, protocol: FIDProtocol | st
     config's and this call's ``max_images``, and the protocol id (which names the weights). ``max_images``
     takes a seeded class-stratified subset of the split (never just its first images, which are sorted
     by class). Images are the split's un-augmented uint8 pixels (``ImageDataset.uint8_images``).
+    ``moments``, on a cache miss, may give the statistics from the caller's own pass over exactly those images
+    (None: this function's pass runs).
     """
-    stats, _ = _reference(data_cfg, split, protocol, max_images, extractor, False, device=device,
+    stats, _ = _reference(data_cfg, split, protocol, max_images, extractor, False, moments, device=device,
                           batch_size=batch_size, weights=weights, progress=progress)
     return stats
 

@@ -86,10 +86,8 @@ from .fid import (
     FeatureExtractor,
     FeatureStats,
     FIDProtocol,
-    cached_reference_stats,
     reference_cache_path,
     reference_stats,
-    save_reference_stats,
 )
 from .generate import (
     ADAPTIVE,
@@ -585,19 +583,15 @@ class Evaluation:
     def reference(self) -> FeatureStats:
         """The split's reference statistics (cached by :func:`sampling.fid.reference_stats`). A protocol
         that needs the images' own features or spatial moments gets them from the same Inception pass."""
-        split, max_images, weights = self.settings.split, self._reference_max_images(), self.extractor.weights_path
-        ep = self.eval_protocol
-        if ep.wants_features or ep.wants_spatial:
-            cached = cached_reference_stats(self.data, split, self.protocol, max_images, weights)
-            if cached is not None:
-                return cached
+        def one_pass() -> FeatureStats | None:
             stats = FeatureStats(protocol=self.extractor.protocol_id)
             self._reference_extras(stats)
-            if stats.n == self.num_images:  # computed in that pass (not read from the extras' cache)
-                save_reference_stats(self.data, split, self.protocol, max_images, stats, weights)
-                return stats
-        return reference_stats(self.data, split, self.protocol, max_images, extractor=self.extractor,
-                               progress=self.progress)
+            return stats if stats.n == self.num_images else None  # None: the extras came from their cache
+
+        ep = self.eval_protocol
+        return reference_stats(self.data, self.settings.split, self.protocol, self._reference_max_images(),
+                               extractor=self.extractor, progress=self.progress,
+                               moments=one_pass if ep.wants_features or ep.wants_spatial else None)
 
     def _reference_extras(self, pool3_stats: FeatureStats | None = None) -> dict[str, np.ndarray]:
         """The evaluated images' per-image pool3 features and spatial moments (cached by ``image_extras``)."""
